@@ -1,0 +1,36 @@
+# stagewise: `make run` runs the whole pipeline on the embedded default; `make test` runs the tests.
+# Both create .venv on first use. TORCH_SPEC picks the torch build: the default pin is a CPU wheel
+# on machines that carry it locally and PyPI's CUDA build elsewhere on Linux; override it for a
+# specific CUDA index, e.g. make run TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: run test test-fast repro bench clean-outputs
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	test -d .dvc || $(BIN)/dvc init -q $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/python -m flows.pipeline
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
+
+repro: $(BIN)/.installed
+	$(BIN)/dvc repro
+
+bench: $(BIN)/.installed
+	bash bench/e2e.sh

@@ -1,0 +1,51 @@
+"""Parameter overrides by dotted key, written into params.yaml the way `dvc exp run --set-param`
+does: comments and layout are kept, and the result is validated before the file is touched."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.core.config import ConfigError, parse_params
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`train.stages.syntax.max_steps=200` -> ("train.stages.syntax.max_steps", 200)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. train.stages.syntax.max_steps=200)")
+    return key.strip(), yaml.safe_load(value)
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set an existing or new leaf; the parent mapping must exist so typos fail loudly."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for depth, part in enumerate(parents):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"override {key}: no key {'.'.join(parents[: depth + 1])} in params.yaml")
+        node = node[part]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {key}: {'.'.join(parents)} is not a mapping")
+    node[leaf] = value
+
+
+def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Validate `overrides` against the typed config, then write them into params_file."""
+    from ruamel.yaml import YAML
+
+    plain = yaml.safe_load(params_file.read_text()) or {}
+    for key, value in overrides.items():
+        set_dotted(plain, key, copy.deepcopy(value))
+    parse_params(plain, f"{params_file} with overrides {sorted(overrides)}")
+
+    rt = YAML()  # round-trip: keeps comments and key order
+    rt.preserve_quotes = True
+    doc = rt.load(params_file.read_text())
+    for key, value in overrides.items():
+        set_dotted(doc, key, value)
+    with params_file.open("w") as fh:
+        rt.dump(doc, fh)

@@ -1,0 +1,128 @@
+"""`base` stage: resolve the base model every LoRA stage adapts.
+
+Default (`model.name_or_path: null`): train a byte-level BPE tokenizer on the `embedding` corpus,
+build a tiny Qwen3-MoE from `model.tiny`, pretrain it fully on that corpus, and save both to
+`models/base/`. With `model.name_or_path` set, only resolve and record it: nothing is downloaded.
+
+    python -m tasks.base [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from prefect import task
+
+from tasks.core import paths
+from tasks.core.config import ConfigError, Params, load_params
+from tasks.core.modeling import BaseInfo, build_tiny_model, resolve_external, train_tokenizer
+from tasks.core.records import read_jsonl
+from tasks.core.trainer import Schedule, run_trainer, write_json
+
+log = logging.getLogger(__name__)
+
+
+def pack_for_pretraining(token_lists: list[list[int]], length: int) -> list[dict[str, list[int]]]:
+    """Concatenate documents (each already ending in end-of-text) and cut fixed-length rows."""
+    stream = [t for ids in token_lists for t in ids]
+    rows = [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
+    if not rows and stream:  # a corpus shorter than one row still trains
+        rows = [stream]
+    return [{"input_ids": r, "labels": r} for r in rows]
+
+
+def with_chat_markup(texts: list[str], share: float, seed: int) -> list[str]:
+    """Wrap a share of documents in ChatML turns, some sentences in think blocks.
+
+    A real base model (Qwen3-Base included) has seen its chat-template tokens in pretraining; this
+    gives the tiny base the same footing, so the SFT stages teach behaviour, not new token
+    embeddings. The content stays the raw corpus: no stage's task is taught here.
+    """
+    import random
+
+    from tasks.core.modeling import IM_END, IM_START, THINK_CLOSE, THINK_OPEN
+
+    rng = random.Random(f"{seed}:chat-markup")
+    out = []
+    for text in texts:
+        sentences = [s.strip() + "." for s in text.split(". ") if s.strip()]
+        if len(sentences) < 2 or rng.random() >= share:
+            out.append(text)
+            continue
+        cut = rng.randint(1, len(sentences) - 1)
+        reply = " ".join(sentences[cut:])
+        if rng.random() < 0.5:
+            reply = f"{THINK_OPEN}\n{sentences[cut - 1]}\n{THINK_CLOSE}\n{reply}"
+        out.append(f"{IM_START}user\n{' '.join(sentences[:cut])}{IM_END}\n{IM_START}assistant\n{reply}{IM_END}\n")
+    return out
+
+
+def build_tiny_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
+    """Tokenizer + tiny Qwen3-MoE, pretrained on the embedding corpus, saved as safetensors."""
+    from tasks.core.chat import encode_text
+
+    tiny = params.model.tiny
+    raw = [rec["text"] for rec in read_jsonl(paths.raw_file(_corpus_stage(params)))]
+    texts = with_chat_markup(raw, tiny.pretrain.chat_markup_share, params.seed)
+    tokenizer = train_tokenizer(texts, tiny.vocab_size)
+    model = build_tiny_model(tiny, tokenizer, params.seed)
+    rows = pack_for_pretraining([encode_text(tokenizer, t).input_ids for t in texts], tiny.pretrain.max_length)
+    schedule = Schedule(
+        max_steps=tiny.pretrain.max_steps,
+        batch_size=tiny.pretrain.batch_size,
+        learning_rate=tiny.pretrain.learning_rate,
+        warmup_ratio=tiny.pretrain.warmup_ratio,
+        seed=params.seed,
+    )
+    log.info("pretraining tiny base: %d params, %d rows of %d tokens", model.num_parameters(), len(rows), tiny.pretrain.max_length)
+    with tempfile.TemporaryDirectory() as work:
+        summary = run_trainer(model, rows, schedule, tokenizer.pad_token_id, Path(work))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    write_json(out_dir / "pretrain.json", summary.metrics() | {"history": summary.history})
+    return BaseInfo(kind="tiny", name_or_path=str(out_dir), num_parameters=model.num_parameters())
+
+
+def _corpus_stage(params: Params) -> str:
+    """The stage whose raw text pretrains the tiny base: the first `pretrain` stage of the plan."""
+    for name, spec in params.train.stages.items():
+        if spec.kind == "pretrain":
+            return name
+    return params.stage_names[0]
+
+
+def resolve_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
+    if params.model.name_or_path:
+        info = resolve_external(params.model)
+    else:
+        info = build_tiny_base(params, out_dir)
+    info.save(out_dir)
+    return info
+
+
+@task(name="base")
+def base_task(params: Params) -> BaseInfo:
+    """Resolve (or build) the base model."""
+    return resolve_base(params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        info = resolve_base(load_params(args.params))
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"base: {exc}", file=sys.stderr)
+        return 2
+    print(f"base: {info.kind} model at {info.name_or_path} ({info.num_parameters or '?'} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shared pieces of the pipeline steps: typed config, paths, record I/O, model loading."""

@@ -1,0 +1,250 @@
+"""Typed configuration: `params.yaml` parsed once into pydantic models.
+
+Every step takes the part of this tree it needs. Unknown keys, wrong types and impossible values
+fail here, before any work, with the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGE_KINDS = ("pretrain", "sft")
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid; the message names the file and the dotted key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+class GenerateSpec(Strict):
+    """How many synthetic records the embedded default makes for one stage."""
+
+    n_records: PositiveInt
+
+
+class DataConfig(Strict):
+    # Sizes of the synthetic curriculum, per stage name.
+    generate: dict[str, GenerateSpec]
+    # Per stage, a user JSONL file (records with `text` or `messages`) replacing generation.
+    sources: dict[str, str | None] = Field(default_factory=dict)
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+class PretrainConfig(Strict):
+    """Full pretraining of the tiny base on the `embedding` corpus (the embedded default only)."""
+
+    max_steps: PositiveInt
+    batch_size: PositiveInt
+    learning_rate: PositiveFloat
+    warmup_ratio: Fraction = 0.05
+    max_length: PositiveInt = 256
+    # Share of corpus documents wrapped in chat markup, so the base knows its template tokens.
+    chat_markup_share: Fraction = 0.3
+
+
+class TinyModelConfig(Strict):
+    """A Qwen3-MoE small enough to train on a CPU: same architecture family as the flagship."""
+
+    vocab_size: PositiveInt = 1024
+    hidden_size: PositiveInt = 128
+    num_hidden_layers: PositiveInt = 4
+    num_attention_heads: PositiveInt = 4
+    num_key_value_heads: PositiveInt = 2
+    head_dim: PositiveInt = 32
+    num_experts: PositiveInt = 8
+    num_experts_per_tok: PositiveInt = 2
+    moe_intermediate_size: PositiveInt = 128
+    max_position_embeddings: PositiveInt = 1024
+    pretrain: PretrainConfig
+
+    @model_validator(mode="after")
+    def _experts_fit(self) -> TinyModelConfig:
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError("num_experts_per_tok must not exceed num_experts")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelConfig(Strict):
+    # None builds the tiny embedded model; a local path or hub id is only resolved and recorded.
+    name_or_path: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig
+
+
+# --- prepare / validate ---------------------------------------------------------------------
+
+
+class PrepareConfig(Strict):
+    max_length: PositiveInt = 256
+    eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+
+
+class ValidateConfig(Strict):
+    min_tokens: PositiveInt = 4
+    max_tokens: PositiveInt = 256
+    min_trainable_share: Fraction = 0.05
+    min_records: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateConfig:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        return self
+
+
+# --- train ----------------------------------------------------------------------------------
+
+
+class LoraConfig(Strict):
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16
+    dropout: Fraction = 0.0
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Fused MoE expert weights are 3-D parameters, reachable only through peft's target_parameters.
+    target_parameters: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _dropout_with_parameters(self) -> LoraConfig:
+        if self.target_parameters and self.dropout:
+            raise ValueError("dropout must be 0 when target_parameters is set (peft cannot apply it there)")
+        return self
+
+
+class StageSpec(Strict):
+    """One curriculum stage: its data kind, where it starts from, and its optimisation settings."""
+
+    kind: Literal["pretrain", "sft"]
+    init_from: str
+    max_steps: PositiveInt
+    batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
+    learning_rate: PositiveFloat
+    warmup_ratio: Fraction = 0.1
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    # None: use train.lora, the default shared by every stage.
+    lora: LoraConfig | None = None
+
+
+class TrainConfig(Strict):
+    quantization: Literal["none", "nf4"] = "none"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    # Stage plan, in curriculum order; each stage's `init_from` is `base` or an earlier stage.
+    stages: dict[str, StageSpec]
+
+    @model_validator(mode="after")
+    def _chain(self) -> TrainConfig:
+        if not self.stages:
+            raise ValueError("the stage plan is empty: list at least one stage under train.stages")
+        seen: list[str] = []
+        for name, spec in self.stages.items():
+            if name == "base":
+                raise ValueError("`base` is reserved for the base model and cannot name a stage")
+            if spec.init_from != "base" and spec.init_from not in seen:
+                raise ValueError(
+                    f"train.stages.{name}.init_from is {spec.init_from!r}: it must be `base` or a "
+                    f"stage listed before it ({', '.join(seen) or 'none'})"
+                )
+            seen.append(name)
+        return self
+
+    @property
+    def final_stage(self) -> str:
+        return list(self.stages)[-1]
+
+    def lora_for(self, stage: str) -> LoraConfig:
+        return self.stages[stage].lora or self.lora
+
+
+# --- evaluate / register --------------------------------------------------------------------
+
+
+class EvaluateConfig(Strict):
+    batch_size: PositiveInt = 16
+    max_generate: PositiveInt = 48  # eval records per generation metric
+    max_new_tokens: PositiveInt = 64
+
+
+class RegisterConfig(Strict):
+    model_name: str = "stagewise-assistant"
+    experiment: str = "stagewise"
+    # Metric name (as in metrics/evaluate.json `final`) -> minimum value to become `champion`.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+
+
+class Params(Strict):
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    train: TrainConfig
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _data_covers_plan(self) -> Params:
+        for name in self.train.stages:
+            if name not in self.data.generate and not self.data.sources.get(name):
+                raise ValueError(
+                    f"stage {name!r} has no data: add data.generate.{name} or data.sources.{name}"
+                )
+        for name in list(self.data.sources) + list(self.data.generate):
+            if name not in self.train.stages:
+                raise ValueError(f"data for {name!r}, which is not a stage in train.stages")
+        return self
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.train.stages)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part).removesuffix("_") if part in ("validate_", "register_") else str(part) for part in loc)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Build typed params from a mapping; errors name every bad dotted key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = _dotted(err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling against params.yaml's documented keys)"
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return parse_params(raw, str(path))

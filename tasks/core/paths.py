@@ -1,0 +1,53 @@
+"""Where each step reads and writes, relative to the project root.
+
+These mirror the deps and outs in `dvc.yaml`; change both together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SOURCES_DIR = Path("data/sources")  # user-provided stage files live here so DVC hashes them
+RAW_DIR = Path("data/raw")
+PREPARED_DIR = Path("data/prepared")
+MODELS_DIR = Path("models")
+BASE_DIR = MODELS_DIR / "base"
+VALIDATION_DIR = Path("reports/validation")
+TRAIN_METRICS_DIR = Path("metrics/train")
+EVALUATE_METRICS = Path("metrics/evaluate.json")
+REGISTRATION_REPORT = Path("reports/registration.json")
+
+SPLITS = ("train", "eval")
+
+
+def raw_file(stage: str) -> Path:
+    return RAW_DIR / f"{stage}.jsonl"
+
+
+def prepared_file(stage: str, split: str) -> Path:
+    return PREPARED_DIR / stage / f"{split}.parquet"
+
+
+def adapter_dir(stage: str) -> Path:
+    return MODELS_DIR / stage
+
+
+def model_dir(name: str) -> Path:
+    """`base` or a stage name: where that model (base weights or stage adapter) lives."""
+    return BASE_DIR if name == "base" else adapter_dir(name)
+
+
+def validation_report(stage: str) -> Path:
+    return VALIDATION_DIR / f"{stage}.json"
+
+
+def train_metrics(stage: str) -> Path:
+    return TRAIN_METRICS_DIR / f"{stage}.json"
+
+
+TRAIN_HISTORY_DIR = Path("logs/train")
+
+
+def train_history(stage: str) -> Path:
+    """Per-step metrics of a training stage, one JSON object a line."""
+    return TRAIN_HISTORY_DIR / f"{stage}.jsonl"

@@ -1,0 +1,124 @@
+"""Record I/O shared by the steps: JSONL read/write, stage-record validation, content hashes.
+
+A stage's records are `{"text": ...}` (kind `pretrain`) or `{"messages": [...]}` (kind `sft`).
+Errors name the file, the 1-based line and the field, so a user can fix their source file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A JSONL file or one of its records is malformed; the message says where and why."""
+
+
+def _numbered_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; blank lines are skipped, not counted as records."""
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path} line {lineno}: not valid JSON ({exc})") from None
+            if not isinstance(obj, dict):
+                raise RecordError(
+                    f"{path} line {lineno}: expected a JSON object ({{...}}), found {type(obj).__name__}"
+                )
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All objects in a JSONL file; RecordError on the first bad line."""
+    return [obj for _, obj in _numbered_objects(Path(path))]
+
+
+def _fail(where: str, field: str, problem: str) -> RecordError:
+    return RecordError(f"{where}, field {field}: {problem}")
+
+
+def check_record(rec: dict, kind: Literal["pretrain", "sft"], where: str) -> dict:
+    """The record reduced to its training content, or RecordError naming `where` and the field."""
+    if kind == "pretrain":
+        text = rec.get("text")
+        if text is None:
+            raise _fail(where, "text", f'missing: pretrain records are {{"text": "..."}}, found keys {sorted(rec)}')
+        if not isinstance(text, str):
+            raise _fail(where, "text", f"expected a string, found {type(text).__name__}")
+        if not text.strip():
+            raise _fail(where, "text", "empty: give the raw text to train on")
+        return {"text": text}
+    if kind != "sft":
+        raise ValueError(f"unknown record kind {kind!r}: expected pretrain or sft")
+
+    messages = rec.get("messages")
+    if messages is None:
+        raise _fail(
+            where, "messages",
+            f'missing: sft records are {{"messages": [{{"role": ..., "content": ...}}, ...]}}, found keys {sorted(rec)}',
+        )
+    if not isinstance(messages, list) or not messages:
+        raise _fail(where, "messages", "expected a non-empty list of {role, content} objects")
+    clean = []
+    for i, msg in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise _fail(where, field, f"expected an object with role and content, found {type(msg).__name__}")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise _fail(where, f"{field}.role", f"expected one of {'/'.join(ROLES)}, found {role!r}")
+        if not isinstance(content, str):
+            found = "nothing" if content is None else type(content).__name__
+            raise _fail(where, f"{field}.content", f"expected a string, found {found}")
+        if role != "system" and not content.strip():
+            raise _fail(where, f"{field}.content", f"empty {role} message")
+        clean.append({"role": role, "content": content})
+    if not any(m["role"] == "user" for m in clean):
+        raise _fail(where, "messages", "no user message: a conversation needs at least one")
+    last = len(clean) - 1
+    if clean[last]["role"] != "assistant":
+        raise _fail(
+            where, f"messages[{last}].role",
+            f"the last message must be the assistant reply to train on, found {clean[last]['role']!r}",
+        )
+    return {"messages": clean}
+
+
+def load_stage_records(path: str | Path, kind: Literal["pretrain", "sft"]) -> list[dict]:
+    """Read and validate a user's stage file; records come back normalised (other keys dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: file not found (paths in data.sources are relative to the project root)")
+    records = [check_record(obj, kind, f"{path} line {lineno}") for lineno, obj in _numbered_objects(path)]
+    if not records:
+        raise RecordError(f"{path}: no records (expected one JSON object per line)")
+    return records
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """One canonical JSON object per line, so the same records always give the same bytes (and DVC hash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        for rec in records:
+            handle.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # a crash mid-write never leaves a half file for the next stage
+
+
+def canonical_json(record: Any) -> str:
+    return json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def content_hash(record: Any) -> str:
+    """sha256 hex of the canonical JSON: equal content, equal hash, whatever the key order."""
+    return hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()

@@ -1,0 +1,156 @@
+"""What the base pretraining and the LoRA stages share around the transformers `Trainer`:
+arguments from typed config, padding, and a per-step history (loss, learning rate, tokens/s)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.core.chat import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The optimisation settings one training run needs, whatever config section they came from."""
+
+    max_steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_ratio: float
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int = 5) -> TrainingArguments:
+    import torch
+    from transformers import TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=schedule.max_steps,
+        per_device_train_batch_size=schedule.batch_size,
+        gradient_accumulation_steps=schedule.gradient_accumulation_steps,
+        learning_rate=schedule.learning_rate,
+        weight_decay=schedule.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=schedule.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        save_strategy="no",  # stage outputs are written by the step itself
+        report_to="none",  # MLflow logging happens in `register`, from the files written here
+        seed=schedule.seed,
+        data_seed=schedule.seed,
+        use_cpu=not on_gpu,
+        bf16=on_gpu,
+        optim="adamw_torch",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+@dataclass
+class PadCollator:
+    """Right-pads a batch of {input_ids, labels}; padding is never trained on."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        ids, labels, mask = [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.append(list(f["input_ids"]) + [self.pad_token_id] * (width - n))
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * (width - n))
+            mask.append([1] * n + [0] * (width - n))
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+        }
+
+
+def step_history_callback(history: list[dict[str, float]]):
+    """A TrainerCallback that appends each logged step (with tokens/s) to `history`."""
+    from transformers import TrainerCallback
+
+    class StepHistory(TrainerCallback):
+        def __init__(self) -> None:
+            self._last = (time.perf_counter(), 0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if not logs or "loss" not in logs:
+                return
+            now, tokens = time.perf_counter(), int(state.num_input_tokens_seen or 0)
+            elapsed = max(now - self._last[0], 1e-9)
+            row = {
+                "step": state.global_step,
+                "loss": float(logs["loss"]),
+                "learning_rate": float(logs.get("learning_rate", 0.0)),
+                "grad_norm": float(logs.get("grad_norm", 0.0)),
+                "tokens_per_second": (tokens - self._last[1]) / elapsed,
+            }
+            history.append(row)
+            self._last = (now, tokens)
+
+    return StepHistory()
+
+
+@dataclass
+class TrainingSummary:
+    steps: int
+    train_loss: float
+    first_loss: float
+    last_loss: float
+    tokens_seen: int
+    seconds: float
+    tokens_per_second: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: v for k, v in self.__dict__.items() if k != "history"}
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id: int, workdir: Path) -> TrainingSummary:
+    """Train `model` on rows of {input_ids, labels} with the transformers Trainer."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    history: list[dict[str, float]] = []
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(schedule, workdir),
+        train_dataset=Dataset.from_list(train_rows),
+        data_collator=PadCollator(pad_token_id),
+        callbacks=[step_history_callback(history)],
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - started
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    return TrainingSummary(
+        steps=int(result.global_step),
+        train_loss=float(result.training_loss),
+        first_loss=history[0]["loss"] if history else float("nan"),
+        last_loss=history[-1]["loss"] if history else float("nan"),
+        tokens_seen=tokens,
+        seconds=seconds,
+        tokens_per_second=tokens / max(seconds, 1e-9),
+        history=history,
+    )
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,174 @@
+"""`evaluate` stage: score the base model and the final adapter with the same code.
+
+Per stage eval split: loss and perplexity over trainable tokens. By generation (greedy): exact
+match of the final answer on `thinking` data and the share of outputs that parse as JSON on
+`syntax` data (stages found by name, whatever the plan calls them otherwise is skipped).
+
+    python -m tasks.evaluate [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from prefect import task
+
+from tasks.core import paths
+from tasks.core.config import ConfigError, EvaluateConfig, Params, load_params
+from tasks.core.trainer import write_json
+
+_ANSWER = re.compile(r"answer is\s*\$?(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a worked solution: after `</think>` if present, `answer is N` first,
+    else `#### N`, else the last number. Numbers are normalised (no commas, no trailing .0)."""
+    tail = text.split("</think>")[-1]
+    found = _ANSWER.search(tail)
+    if found is None and "####" in tail:
+        found = _NUMBER.search(tail.split("####")[-1])
+        value = found.group(0) if found else None
+    elif found is not None:
+        value = found.group(1)
+    else:
+        numbers = _NUMBER.findall(tail)
+        value = numbers[-1] if numbers else None
+    if value is None:
+        return None
+    value = value.replace(",", "").rstrip(".")
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return str(int(number)) if number == int(number) else str(number)
+
+
+def parses_as_json(text: str) -> bool:
+    try:
+        json.loads(text.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def generate_replies(model, tokenizer, prompts: list[str], cfg: EvaluateConfig) -> list[str]:
+    """Greedy, batched, left-padded generation with the KV cache."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    replies: list[str] = []
+    model.eval()
+    for i in range(0, len(prompts), cfg.batch_size):
+        batch = tokenizer(prompts[i : i + cfg.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with torch.no_grad():
+            out = model.generate(
+                **batch,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        replies += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return replies
+
+
+def eval_records(stage: str, limit: int) -> list[list[dict]]:
+    """Conversations of the stage's eval split, in a stable order, at most `limit`."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(paths.prepared_file(stage, "eval"), columns=["record_json"]).to_pylist()
+    records = [json.loads(r["record_json"]) for r in rows]
+    return [r["messages"] for r in records if "messages" in r][:limit]
+
+
+def generation_metrics(model, tokenizer, stages: list[str], cfg: EvaluateConfig) -> dict[str, float]:
+    from tasks.core.chat import generation_prompt
+
+    metrics: dict[str, float] = {}
+    for stage, metric in (("thinking", "thinking_exact_match"), ("syntax", "syntax_json_valid")):
+        if stage not in stages:
+            continue
+        conversations = eval_records(stage, cfg.max_generate)
+        if not conversations:
+            continue
+        prompts = [generation_prompt(tokenizer, m) for m in conversations]
+        replies = generate_replies(model, tokenizer, prompts, cfg)
+        references = [m[-1]["content"] for m in conversations]
+        if stage == "thinking":
+            hits = [extract_answer(r) is not None and extract_answer(r) == extract_answer(ref) for r, ref in zip(replies, references)]
+            formed = ["<think>" in r and "</think>" in r.split("<think>", 1)[-1] for r in replies]
+            metrics["thinking_think_well_formed"] = sum(formed) / len(formed)
+        else:
+            hits = [parses_as_json(r) for r in replies]
+        metrics[metric] = sum(hits) / len(hits)
+    return metrics
+
+
+def score_model(model, tokenizer, params: Params) -> dict[str, float]:
+    from tasks.train import mean_token_loss, read_rows
+
+    scores: dict[str, float] = {}
+    for stage in params.stage_names:
+        loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id, params.evaluate.batch_size)
+        scores[f"{stage}_eval_loss"] = round(loss, 6)
+        scores[f"{stage}_perplexity"] = round(math.exp(min(loss, 50.0)), 6)
+    generated = generation_metrics(model, tokenizer, params.stage_names, params.evaluate)
+    return scores | {k: round(v, 6) for k, v in generated.items()}
+
+
+def evaluate_pipeline(params: Params) -> dict[str, dict[str, float]]:
+    """Scores of the base and of the final stage's adapter, on every stage's eval split."""
+    import torch
+
+    from tasks.core.modeling import BaseInfo, load_adapted_model, load_tokenizer
+
+    torch.manual_seed(params.seed)
+    info = BaseInfo.load()
+    tokenizer = load_tokenizer(info)
+    final = params.train.final_stage
+    results = {}
+    for label, adapter in (("base", None), ("final", paths.adapter_dir(final))):
+        model = load_adapted_model(info, adapter, params.train.quantization)
+        results[label] = score_model(model, tokenizer, params)
+        del model
+    results["final_stage"] = final  # type: ignore[assignment]
+    return results
+
+
+def write_metrics(results: dict, path: Path = paths.EVALUATE_METRICS) -> None:
+    write_json(path, results)
+
+
+@task(name="evaluate")
+def evaluate_task(params: Params) -> dict[str, dict[str, float]]:
+    """Score the base and the final model."""
+    results = evaluate_pipeline(params)
+    write_metrics(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        results = evaluate_pipeline(load_params(args.params))
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    write_metrics(results)
+    for key in sorted(results["base"]):
+        print(f"evaluate: {key:32s} base {results['base'][key]:10.4f}  final {results['final'][key]:10.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""`generate` stage: write each curriculum stage's raw records to `data/raw/<stage>.jsonl`.
+
+A stage with a file under `data.sources` takes its records from there (validated); the others get
+the embedded synthetic curriculum, sized by `data.generate.<stage>.n_records` and fixed by `seed`.
+
+    python -m tasks.generate [--params params.yaml]
+
+The curriculum is built for a tiny model (BPE vocab 1024, ~100 LoRA steps on CPU) to learn
+visibly: a small closed world, very regular templates, records of roughly 30-120 tokens.
+  embedding     raw text about the world, with arithmetic, JSON and key: value lines
+  syntax        "Extract JSON: <request>" -> {"intent": ..., "slots": {...}}
+  thinking      +/- word problems -> <think> steps </think> and "The answer is N."
+  instructions  short exact tasks (repeat, reverse, count, look up a fact), 30% two-turn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import string
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from prefect import task
+
+from tasks.core import paths
+from tasks.core.config import ConfigError, Params, load_params
+from tasks.core.records import RecordError, content_hash, load_stage_records, write_jsonl
+
+log = logging.getLogger(__name__)
+
+# Tries per wanted record before giving up on finding new unique ones.
+MAX_TRIES_PER_RECORD = 50
+MULTI_TURN_SHARE = 0.3
+
+# --- the world ------------------------------------------------------------------------------
+# Fixed, not seeded: every stage and every seed talks about the same facts, so what the
+# embedding corpus says about Mara's kite is what the instructions stage asks about.
+
+PEOPLE = {
+    "Mara": "she", "Tom": "he", "Lia": "she", "Ben": "he", "Nora": "she", "Sam": "he",
+    "Ada": "she", "Finn": "he", "Ivy": "she", "Leo": "he", "Rosa": "she", "Omar": "he",
+}
+NAMES = tuple(PEOPLE)
+TOWNS = ("Oakridge", "Riverton", "Hillcrest", "Brookfield", "Pinevale", "Stonebay")
+PETS = ("cat", "dog", "fox", "owl", "horse", "goat", "duck", "rabbit")
+THINGS = ("kite", "hat", "bike", "bag", "cup", "ball")
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")
+ITEMS = ("apples", "pears", "eggs", "books", "pens", "stones", "coins", "shells", "cards")
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+WORDS = PETS + THINGS + COLOURS
+
+
+def _build_world() -> dict[str, dict]:
+    rng = random.Random("stagewise-world")
+    return {
+        name: {
+            "town": rng.choice(TOWNS),
+            "pet": rng.choice(PETS),
+            "colours": {thing: rng.choice(COLOURS) for thing in THINGS},
+        }
+        for name in NAMES
+    }
+
+
+WORLD = _build_world()
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+         "fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_word(n: int) -> str:
+    """0..99 in English words: 42 -> 'forty-two'."""
+    if not 0 <= n < 100:
+        raise ValueError(f"number_word covers 0..99, got {n}")
+    if n < 20:
+        return _ONES[n]
+    tens, ones = divmod(n, 10)
+    return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _pronoun(name: str) -> str:
+    return PEOPLE[name].capitalize()
+
+
+def _two_people(rng: random.Random) -> tuple[str, str]:
+    first, second = rng.sample(NAMES, 2)
+    return first, second
+
+
+# --- syntax: requests -> JSON ---------------------------------------------------------------
+
+SYNTAX_PREFIX = "Extract JSON: "
+# Per intent, the slot order of the JSON answer and the request templates; a template's
+# placeholders are the slots that record carries.
+INTENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "book_table": (("party_size", "restaurant", "day"), (
+        "Book a table for {party_size} at {restaurant} on {day}.",
+        "Book a table for {party_size} at {restaurant}.",
+        "Book a table at {restaurant} on {day}.",
+        "Reserve a table for {party_size} on {day}.",
+        "Book a table at {restaurant}.",
+    )),
+    "set_alarm": (("time", "day"), (
+        "Set an alarm for {time}.",
+        "Set an alarm for {time} on {day}.",
+        "Wake me up at {time} on {day}.",
+    )),
+    "get_weather": (("city", "day"), (
+        "What is the weather in {city}?",
+        "How is the weather in {city} on {day}?",
+        "What is the weather in {city} on {day}?",
+        "Will it rain in {city} on {day}?",
+    )),
+    "send_message": (("recipient", "text"), (
+        "Send a message to {recipient} saying {text}.",
+        "Tell {recipient} that {text}.",
+        "Text {recipient}: {text}.",
+    )),
+    "play_music": (("genre", "room"), (
+        "Play some {genre}.",
+        "Play {genre} in the {room}.",
+        "Play {genre} music in the {room}.",
+        "Put on some {genre} music in the {room}.",
+    )),
+    "add_to_list": (("quantity", "item"), (
+        "Add {quantity} {item} to the shopping list.",
+        "Add {item} to the shopping list.",
+        "Put {quantity} {item} on my list.",
+    )),
+}
+SLOT_VALUES: dict[str, tuple] = {
+    "party_size": tuple(range(1, 11)),
+    "restaurant": ("Rosa's", "Blue Door", "Luigi's", "The Oak", "Sushi Go", "Casa Mia", "Green Fork", "Pho Bay"),
+    "day": DAYS,
+    "time": ("6 am", "6:30 am", "7 am", "7:30 am", "8 am", "8:30 am", "9 am", "noon", "5 pm", "6 pm", "9 pm", "10 pm"),
+    "city": TOWNS,
+    "recipient": NAMES,
+    "text": ("I am running late", "see you soon", "call me back", "dinner is ready", "happy birthday",
+             "the bus is here", "I found the keys", "thank you"),
+    "genre": ("jazz", "rock", "pop", "folk", "classical", "blues", "reggae", "soul"),
+    "room": ("kitchen", "bedroom", "garden", "living room", "bathroom", "office"),
+    "quantity": tuple(range(2, 13)),
+    "item": ITEMS,
+}
+
+
+def syntax_example(rng: random.Random) -> tuple[str, str]:
+    """One request sentence and its JSON, keys in a fixed order so the target is unambiguous."""
+    intent = rng.choice(sorted(INTENTS))
+    order, templates = INTENTS[intent]
+    template = rng.choice(templates)
+    present = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+    values = {slot: rng.choice(SLOT_VALUES[slot]) for slot in order if slot in present}
+    answer = json.dumps({"intent": intent, "slots": values}, ensure_ascii=False)
+    return template.format(**values), answer
+
+
+def syntax_record(rng: random.Random) -> dict:
+    request, answer = syntax_example(rng)
+    return {"messages": [
+        {"role": "user", "content": SYNTAX_PREFIX + request},
+        {"role": "assistant", "content": answer},
+    ]}
+
+
+# --- thinking: word problems with worked steps ----------------------------------------------
+
+GAINS = ("buys {n} more", "finds {n} more", "gets {n} more from {other}")
+LOSSES = ("gives {n} to {other}", "loses {n}")
+
+
+def _step(rng: random.Random, name: str, have: int) -> tuple[str, int]:
+    """One change to a count: (verb phrase, new count), never below zero or above 99."""
+    other = rng.choice([n for n in NAMES if n != name])
+    if have > 1 and (have >= 90 or rng.random() < 0.5):
+        n = rng.randint(1, min(have, 12))
+        return rng.choice(LOSSES).format(n=n, other=other), have - n
+    n = rng.randint(1, min(12, 99 - have))
+    return rng.choice(GAINS).format(n=n, other=other), have + n
+
+
+def _equation(before: int, after: int) -> str:
+    sign = "+" if after >= before else "-"
+    return f"{before} {sign} {abs(after - before)} = {after}"
+
+
+def thinking_record(rng: random.Random) -> dict:
+    name, other = _two_people(rng)
+    items = rng.choice(ITEMS)
+    shape = rng.choices(("one_step", "two_steps", "together", "difference"), weights=(4, 3, 2, 1))[0]
+    if shape in ("together", "difference"):
+        a, b = rng.randint(2, 30), rng.randint(1, 30)
+        if shape == "difference":
+            a, b = max(a, b), min(a, b)
+        question = (f"{name} has {a} {items}. {other} has {b} {items}. "
+                    + (f"How many {items} do they have together?" if shape == "together"
+                       else f"How many more {items} does {name} have than {other}?"))
+        answer = a + b if shape == "together" else a - b
+        steps = [f"{name} has {a} {items}.", f"{other} has {b} {items}.",
+                 f"Together: {a} + {b} = {answer}." if shape == "together" else f"Difference: {a} - {b} = {answer}."]
+    else:
+        pro = _pronoun(name)
+        have = rng.randint(2, 30)
+        sentences = [f"{name} has {have} {items}."]
+        steps = [f"{name} starts with {have} {items}."]
+        for i in range(1 if shape == "one_step" else 2):
+            phrase, after = _step(rng, name, have)
+            sentences.append(f"{'Then ' + pro.lower() if i else pro} {phrase}.")
+            steps.append(f"{pro} {phrase}: {_equation(have, after)}.")
+            have = after
+        question = " ".join(sentences) + f" How many {items} does {name} have now?"
+        answer = have
+    reply = "<think>\n" + "\n".join(steps) + f"\n</think>\nThe answer is {answer}."
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+
+
+# --- instructions: short exact tasks, some with a follow-up ---------------------------------
+
+Turn = tuple[str, str]  # (user, assistant)
+
+
+def _upper(prev: str) -> Turn:
+    return "Now in uppercase.", prev.upper()
+
+
+def _task_repeat(rng: random.Random) -> tuple[Turn, Turn]:
+    word, times = rng.choice(WORDS), rng.randint(2, 4)
+    first = (f"Repeat the word {word} {number_word(times)} times.", " ".join([word] * times))
+    more = (f"Now {number_word(times + 1)} times.", " ".join([word] * (times + 1)))
+    return first, rng.choice([more, _upper(first[1])])
+
+
+def _task_colour(rng: random.Random) -> tuple[Turn, Turn]:
+    name = rng.choice(NAMES)
+    asked, other = rng.sample(THINGS, 2)
+    colours = WORLD[name]["colours"]
+    facts = [_a(f"{colours[t]} {t}") for t in rng.sample([asked, other], 2)]
+    first = (f"{name} has {facts[0]} and {facts[1]}. What colour is the {asked} of {name}?",
+             f"The {asked} of {name} is {colours[asked]}.")
+    return first, (f"And the {other}?", f"The {other} of {name} is {colours[other]}.")
+
+
+def _task_town(rng: random.Random) -> tuple[Turn, Turn]:
+    one, two = _two_people(rng)
+    asked, other = rng.sample([one, two], 2)
+    first = (f"{one} lives in {WORLD[one]['town']}. {two} lives in {WORLD[two]['town']}. Where does {asked} live?",
+             f"{asked} lives in {WORLD[asked]['town']}.")
+    return first, (f"And {other}?", f"{other} lives in {WORLD[other]['town']}.")
+
+
+def _task_reverse(rng: random.Random) -> tuple[Turn, Turn]:
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    first = ("Reverse these words: " + " ".join(words), " ".join(reversed(words)))
+    return first, _upper(first[1])
+
+
+def _world_sentence(rng: random.Random) -> str:
+    name = rng.choice(NAMES)
+    thing = rng.choice(THINGS)
+    return rng.choice((
+        f"{name} lives in {WORLD[name]['town']}.",
+        f"{name} has {_a(WORLD[name]['pet'])}.",
+        f"{name} has a {WORLD[name]['colours'][thing]} {thing}.",
+        f"The {thing} of {name} is {WORLD[name]['colours'][thing]}.",
+        f"{name} has {rng.randint(2, 12)} {rng.choice(ITEMS)}.",
+        f"{name} and {rng.choice([n for n in NAMES if n != name])} live in {rng.choice(TOWNS)}.",
+    ))
+
+
+def _task_count(rng: random.Random) -> tuple[Turn, Turn]:
+    def turn(prefix: str) -> Turn:
+        sentence = _world_sentence(rng)
+        return f"{prefix}: {sentence}", f"There are {len(sentence.split())} words."
+
+    return turn("Count the words in"), turn("Now count the words in")
+
+
+GREETINGS = ("hello", "good morning", "good night", "goodbye")
+
+
+def _task_greet(rng: random.Random) -> tuple[Turn, Turn]:
+    name, other = _two_people(rng)
+    greeting, then = rng.sample(GREETINGS, 2)
+    first = (f"Say {greeting} to {name}.", f"{greeting.capitalize()}, {name}!")
+    return first, rng.choice([(f"And to {other}?", f"{greeting.capitalize()}, {other}!"),
+                              (f"Now say {then}.", f"{then.capitalize()}, {name}!"), _upper(first[1])])
+
+
+# Weights favour the tasks with many distinct records, so deduplication does not skew the mix.
+INSTRUCTION_TASKS: dict[Callable[[random.Random], tuple[Turn, Turn]], int] = {
+    _task_repeat: 2, _task_colour: 3, _task_town: 2, _task_reverse: 3, _task_count: 3, _task_greet: 1,
+}
+
+
+def instructions_record(rng: random.Random) -> dict:
+    task_fn = rng.choices(list(INSTRUCTION_TASKS), weights=list(INSTRUCTION_TASKS.values()))[0]
+    first, follow_up = task_fn(rng)
+    turns = [first, follow_up] if rng.random() < MULTI_TURN_SHARE else [first]
+    messages = []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return {"messages": messages}
+
+
+# --- embedding: raw text about the world ----------------------------------------------------
+
+
+def _arithmetic_sentence(rng: random.Random) -> str:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    if rng.random() < 0.5:
+        return f"{number_word(a).capitalize()} plus {number_word(b)} is {number_word(a + b)}. {a} + {b} = {a + b}."
+    a, b = max(a, b), min(a, b)
+    return f"{number_word(a).capitalize()} minus {number_word(b)} is {number_word(a - b)}. {a} - {b} = {a - b}."
+
+
+def _embedding_part(rng: random.Random, name: str, items: str) -> str:
+    """One sentence (or a block on its own lines) about `name` or the world around them.
+
+    `items` is fresh for each call, so counts in one document never contradict each other.
+    """
+    facts = WORLD[name]
+    other = rng.choice([n for n in NAMES if n != name])
+    thing = rng.choice(THINGS)
+    have, more = rng.randint(2, 15), rng.randint(1, 9)
+    word = rng.choice(WORDS)
+    pro = _pronoun(name)
+    makers: tuple[Callable[[], str], ...] = (
+        lambda: f"{name} lives in {facts['town']}.",
+        lambda: f"{name} has {_a(facts['pet'])}. The {facts['pet']} lives with {name} in {facts['town']}.",
+        lambda: f"{name} has a {facts['colours'][thing]} {thing}.",
+        lambda: f"The {thing} of {name} is {facts['colours'][thing]}.",
+        lambda: f"{name} has {have} {rng.choice(COLOURS)} {items}.",
+        lambda: f"{name} has {number_word(have)} {items}. {pro} buys {more} more. Now {name} has {have + more} {items}.",
+        lambda: f"{name} has {have} {items}. {pro} gives {min(more, have)} to {other}. Now {name} has {have - min(more, have)} {items}.",
+        lambda: f"{name} has {have} {items}. How many {items} does {name} have? The answer is {have}.",
+        lambda: _arithmetic_sentence(rng),
+        lambda: f"{name} says hello to {other}: Hello, {other}!",
+        lambda: f"{name} writes the word {word} three times: {word} {word} {word}. In uppercase it is {word.upper()}.",
+        lambda: f"\nname: {name}\ntown: {facts['town']}\npet: {facts['pet']}\n",
+        lambda: "\n" + json.dumps({"name": name, "town": facts["town"], "pet": facts["pet"]}) + "\n",
+        lambda: "{} asks: {} As JSON: {}".format(name, *syntax_example(rng)),
+    )
+    return rng.choice(makers)()
+
+
+def embedding_record(rng: random.Random) -> dict:
+    name = rng.choice(NAMES)
+    n_parts = rng.randint(3, 6)
+    text = ""
+    for items in rng.sample(ITEMS, n_parts):
+        part = _embedding_part(rng, name, items)
+        text += part if not text or text.endswith("\n") or part.startswith("\n") else " " + part
+    return {"text": text.strip().replace("\n\n", "\n")}
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+GENERATORS: dict[str, tuple[str, Callable[[random.Random], dict]]] = {
+    "embedding": ("pretrain", embedding_record),
+    "syntax": ("sft", syntax_record),
+    "thinking": ("sft", thinking_record),
+    "instructions": ("sft", instructions_record),
+}
+
+
+def generate_stage_records(stage: str, kind: Literal["pretrain", "sft"], n_records: int, seed: int) -> list[dict]:
+    """`n_records` unique synthetic records for a built-in stage, the same for the same seed."""
+    if stage not in GENERATORS:
+        raise ConfigError(
+            f"no synthetic data for stage {stage!r} (built in: {', '.join(GENERATORS)}): "
+            f"set data.sources.{stage} to a JSONL file under data/sources/"
+        )
+    expected, make = GENERATORS[stage]
+    if kind != expected:
+        raise ConfigError(f"train.stages.{stage}.kind is {kind!r}, but the built-in {stage} data is {expected!r}")
+    rng = random.Random(f"{seed}:{stage}")  # own stream per stage: resizing one stage leaves the others alone
+    records, seen = [], set()
+    for _ in range(n_records * MAX_TRIES_PER_RECORD):
+        if len(records) == n_records:
+            break
+        record = make(rng)
+        digest = content_hash(record)
+        if digest not in seen:  # the validator rejects duplicates, so never emit them
+            seen.add(digest)
+            records.append(record)
+    if len(records) < n_records:
+        log.warning("%s: only %d unique records of the %d asked for", stage, len(records), n_records)
+    return records
+
+
+def _warn_if_untracked(source: Path, stage: str) -> None:
+    try:
+        source.resolve().relative_to(paths.SOURCES_DIR.resolve())
+    except ValueError:
+        log.warning(
+            "data.sources.%s is %s, outside %s/: DVC does not track it, so editing it will not "
+            "re-run the pipeline; move it under %s/", stage, source, paths.SOURCES_DIR, paths.SOURCES_DIR,
+        )
+
+
+def stage_records(stage: str, params: Params) -> list[dict]:
+    """The user's file for this stage if one is set, otherwise the synthetic curriculum."""
+    kind = params.train.stages[stage].kind
+    source = params.data.sources.get(stage)
+    if source:
+        _warn_if_untracked(Path(source), stage)
+        return load_stage_records(source, kind)
+    return generate_stage_records(stage, kind, params.data.generate[stage].n_records, params.seed)
+
+
+def generate_all(params: Params) -> dict[str, int]:
+    """Write data/raw/<stage>.jsonl for every stage in the plan; records written per stage."""
+    counts = {}
+    for stage in params.stage_names:
+        records = stage_records(stage, params)
+        write_jsonl(paths.raw_file(stage), records)
+        counts[stage] = len(records)
+    return counts
+
+
+@task(name="generate")
+def generate_task(params: Params) -> dict[str, int]:
+    """Write every stage's raw records."""
+    return generate_all(params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        counts = generate_all(params)
+    except (ConfigError, RecordError) as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
+    for stage, n in counts.items():
+        origin = params.data.sources.get(stage) or "generated"
+        print(f"generate: {stage}: {n} records ({origin}) -> {paths.raw_file(stage)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""`prepare` stage: per curriculum stage, render with the chat template, tokenize, build loss
+labels, split train/eval by content hash, and write Parquet.
+
+Loss labels: every token for `pretrain` stages; assistant replies only for `sft` stages. The split
+depends only on a record's content, so adding records never moves old ones between splits.
+
+    python -m tasks.prepare [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from tasks.core import paths
+from tasks.core.chat import Encoded, encode_chat, encode_text
+from tasks.core.config import ConfigError, Params, load_params
+from tasks.core.records import content_hash, read_jsonl, write_jsonl
+
+COLUMNS = ("input_ids", "labels", "n_tokens", "n_trainable", "trainable_share", "content_hash", "split", "record_json")
+
+
+@dataclass(frozen=True)
+class PreparedStage:
+    stage: str
+    n_train: int
+    n_eval: int
+    n_rejected: int
+
+
+def split_of(digest: str, eval_fraction: float) -> str:
+    """Deterministic split from the content hash: the same record always lands in the same split."""
+    return "eval" if int(digest[:12], 16) / 16**12 < eval_fraction else "train"
+
+
+def encode_record(tokenizer, record: dict, kind: str, max_length: int) -> list[Encoded]:
+    """One record -> one or more rows. Long raw text is cut into rows; a long chat cannot be."""
+    if kind == "pretrain":
+        enc = encode_text(tokenizer, record["text"])
+        return [
+            Encoded(enc.input_ids[i : i + max_length], enc.labels[i : i + max_length])
+            for i in range(0, len(enc.input_ids), max_length)
+        ]
+    enc = encode_chat(tokenizer, record["messages"])
+    if len(enc.input_ids) > max_length:
+        raise ValueError(f"conversation is {len(enc.input_ids)} tokens, over prepare.max_length={max_length}")
+    return [enc]
+
+
+def prepare_stage(stage: str, kind: str, records: list[dict], tokenizer, params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Rows per split, and the records rejected with their reason."""
+    cfg = params.prepare
+    splits: dict[str, list[dict]] = {s: [] for s in paths.SPLITS}
+    rejects = []
+    for index, record in enumerate(records):
+        digest = content_hash(record)
+        try:
+            encoded = encode_record(tokenizer, record, kind, cfg.max_length)
+        except ValueError as exc:
+            rejects.append({"file": str(paths.raw_file(stage)), "line": index + 1, "reason": str(exc), "record": record})
+            continue
+        split = split_of(digest, cfg.eval_fraction)
+        record_json = json.dumps(record, ensure_ascii=False, sort_keys=True)
+        for part, enc in enumerate(encoded):
+            n_trainable = enc.n_trainable
+            splits[split].append({
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "n_tokens": len(enc.input_ids),
+                "n_trainable": n_trainable,
+                "trainable_share": n_trainable / max(len(enc.input_ids), 1),
+                "content_hash": digest if len(encoded) == 1 else f"{digest}:{part}",
+                "split": split,
+                "record_json": record_json,
+            })
+    return splits, rejects
+
+
+def write_split(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("n_tokens", pa.int64()),
+        ("n_trainable", pa.int64()),
+        ("trainable_share", pa.float64()),
+        ("content_hash", pa.string()),
+        ("split", pa.string()),
+        ("record_json", pa.string()),
+    ])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, path, compression="zstd")
+
+
+def prepare_all(params: Params) -> list[PreparedStage]:
+    from tasks.core.modeling import BaseInfo, load_tokenizer
+
+    tokenizer = load_tokenizer(BaseInfo.load())
+    results = []
+    for stage, spec in params.train.stages.items():
+        records = read_jsonl(paths.raw_file(stage))
+        splits, rejects = prepare_stage(stage, spec.kind, records, tokenizer, params)
+        for split, rows in splits.items():
+            write_split(rows, paths.prepared_file(stage, split))
+        write_jsonl(paths.PREPARED_DIR / stage / "rejects.jsonl", rejects)
+        results.append(PreparedStage(stage, len(splits["train"]), len(splits["eval"]), len(rejects)))
+    return results
+
+
+@task(name="prepare")
+def prepare_task(params: Params) -> list[PreparedStage]:
+    """Tokenize and split every stage's data."""
+    return prepare_all(params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        results = prepare_all(load_params(args.params))
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"prepare: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(f"prepare: {r.stage}: {r.n_train} train, {r.n_eval} eval, {r.n_rejected} rejected")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

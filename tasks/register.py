@@ -1,0 +1,197 @@
+"""`register` stage: log the pipeline run to MLflow and register the final adapter.
+
+One parent run per pipeline run (all params, base vs final scores), one child run per curriculum
+stage (its params, step metrics, adapter, validation report). The final adapter becomes a new
+version of `register.model_name` with alias `challenger`; it also takes `champion` when its final
+scores pass `register.thresholds`. Versions carry lineage tags: git commit, dirty flag, and the
+DVC hashes of each stage's data.
+
+    python -m tasks.register [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import task
+
+from tasks.core import paths
+from tasks.core.config import ConfigError, Params, load_params
+from tasks.core.trainer import write_json
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second")
+
+
+@dataclass
+class Registration:
+    model_name: str
+    version: str
+    aliases: list[str]
+    parent_run_id: str
+    stage_run_ids: dict[str, str]
+    gate_passed: bool
+    gate_reasons: list[str] = field(default_factory=list)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested params -> {"train.stages.syntax.learning_rate": "0.003", ...} for MLflow."""
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out |= flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, list) else str(tree)}
+
+
+def check_gates(final: dict[str, float], thresholds: dict[str, float]) -> tuple[bool, list[str]]:
+    """Each threshold is a minimum on a final score; a missing score fails its gate."""
+    reasons = []
+    for metric, minimum in sorted(thresholds.items()):
+        value = final.get(metric)
+        if value is None:
+            reasons.append(f"{metric}: not measured (metrics/evaluate.json has no such score)")
+        elif value < minimum:
+            reasons.append(f"{metric}: {value:.4f} < {minimum}")
+    return not reasons, reasons
+
+
+def git_lineage() -> dict[str, str]:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def data_lineage(stages: list[str], lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    """md5 of each stage's prepared data, as DVC recorded it in dvc.lock."""
+    if not lock_file.exists():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    tags = {}
+    for stage in stages:
+        for dep in lock.get("stages", {}).get(f"train@{stage}", {}).get("deps", []):
+            if dep.get("path") == str(paths.PREPARED_DIR / stage):
+                tags[f"data_md5.{stage}"] = dep.get("md5", "")
+    return tags
+
+
+def log_stage_run(client, experiment_id: str, parent_id: str, stage: str, params: Params) -> str:
+    """A child run with the stage's params, step history, summary metrics and artifacts."""
+    from mlflow.entities import Metric, Param
+
+    spec = params.train.stages[stage]
+    run = client.create_run(experiment_id, run_name=stage, tags={"mlflow.parentRunId": parent_id, "stage": stage})
+    run_id = run.info.run_id
+    stage_params = flatten(spec.model_dump(exclude={"lora"})) | flatten(params.train.lora_for(stage).model_dump(), "lora.")
+    stage_params["quantization"] = params.train.quantization
+    history = [json.loads(line) for line in paths.train_history(stage).read_text().splitlines() if line]
+    metrics = [
+        Metric(key, float(row[key]), _now_ms(), int(row["step"]))
+        for row in history
+        for key in STEP_METRICS
+        if key in row
+    ]
+    summary = json.loads(paths.train_metrics(stage).read_text())
+    metrics += [Metric(f"final_{k}", float(v), _now_ms(), 0) for k, v in summary.items() if isinstance(v, (int, float))]
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in stage_params.items()])
+    client.log_artifacts(run_id, str(paths.adapter_dir(stage)), "adapter")
+    client.log_artifact(run_id, str(paths.validation_report(stage)), "validation")
+    client.log_artifact(run_id, str(paths.train_metrics(stage)), "metrics")
+    client.set_terminated(run_id)
+    return run_id
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def register_pipeline(params: Params, params_file: Path) -> Registration:
+    import mlflow
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    cfg = params.register_
+    client = MlflowClient()
+    experiment = mlflow.set_experiment(cfg.experiment)
+    scores = json.loads(paths.EVALUATE_METRICS.read_text())
+    lineage = git_lineage() | data_lineage(params.stage_names)
+    lineage["params_md5"] = hashlib.md5(params_file.read_bytes()).hexdigest()
+    run_tags = {"pipeline": "stagewise", **lineage}
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):
+        run_tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+
+    parent = client.create_run(experiment.experiment_id, run_name="pipeline", tags=run_tags)
+    parent_id = parent.info.run_id
+    raw = yaml.safe_load(params_file.read_text())
+    from mlflow.entities import Metric, Param
+
+    score_metrics = [
+        Metric(f"{model}.{k}", float(v), _now_ms(), 0)
+        for model in ("base", "final")
+        for k, v in scores[model].items()
+    ]
+    client.log_batch(parent_id, metrics=score_metrics, params=[Param(k, v) for k, v in flatten(raw).items()])
+    client.log_artifact(parent_id, str(params_file), "config")
+    client.log_artifact(parent_id, str(paths.EVALUATE_METRICS), "metrics")
+    client.log_artifacts(parent_id, str(paths.VALIDATION_DIR), "validation")
+    stage_runs = {s: log_stage_run(client, experiment.experiment_id, parent_id, s, params) for s in params.stage_names}
+
+    passed, reasons = check_gates(scores["final"], cfg.thresholds)
+    final_run = stage_runs[params.train.final_stage]
+    try:
+        client.get_registered_model(cfg.model_name)
+    except Exception:  # noqa: BLE001 - MLflow raises RestException / MlflowException by store
+        client.create_registered_model(cfg.model_name)
+    version_tags = lineage | {"final_stage": params.train.final_stage, "gate": "passed" if passed else "failed"}
+    version_tags |= {f"adapter_run.{s}": r for s, r in stage_runs.items()}
+    version = client.create_model_version(
+        cfg.model_name, source=f"runs:/{final_run}/adapter", run_id=final_run, tags=version_tags
+    )
+    aliases = ["challenger"] + (["champion"] if passed else [])
+    for alias in aliases:
+        client.set_registered_model_alias(cfg.model_name, alias, version.version)
+    client.set_tag(parent_id, "registered_version", version.version)
+    client.set_tag(parent_id, "gate_reasons", "; ".join(reasons) or "all thresholds passed")
+    client.set_terminated(parent_id)
+    return Registration(cfg.model_name, str(version.version), aliases, parent_id, stage_runs, passed, reasons)
+
+
+@task(name="register")
+def register_task(params: Params, params_file: str = "params.yaml") -> Registration:
+    """Log the run to MLflow and register the final adapter."""
+    return register_pipeline(params, Path(params_file))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        reg = register_pipeline(load_params(args.params), Path(args.params))
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"register: {exc}", file=sys.stderr)
+        return 2
+    write_json(paths.REGISTRATION_REPORT, asdict(reg))
+    gate = "passed" if reg.gate_passed else "failed: " + "; ".join(reg.gate_reasons)
+    print(f"register: {reg.model_name} version {reg.version} -> {', '.join(reg.aliases)} (gate {gate})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

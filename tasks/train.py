@@ -1,0 +1,172 @@
+"""`train@<stage>`: one LoRA (or QLoRA) stage of the curriculum.
+
+The stage starts from `init_from`: a fresh adapter on the base, or the previous stage's adapter,
+which it keeps training (the `continue` policy). It writes the adapter (safetensors), a summary
+metrics file and the per-step history that `register` logs to MLflow.
+
+    python -m tasks.train <stage> [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from tasks.core import paths
+from tasks.core.config import ConfigError, LoraConfig, Params, load_params
+from tasks.core.trainer import Schedule, TrainingSummary, run_trainer, write_json
+
+log = logging.getLogger(__name__)
+STAGE_INFO_FILE = "stage.json"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    init_from: str
+    trainable_parameters: int
+    eval_loss: float
+    summary: TrainingSummary
+
+
+def peft_lora_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        target_parameters=list(cfg.target_parameters) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapter(model, stage: str, params: Params):
+    """A new adapter on the base, or the previous stage's adapter loaded for more training."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    spec = params.train.stages[stage]
+    if params.train.quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if spec.init_from == "base":
+        return get_peft_model(model, peft_lora_config(params.train.lora_for(stage)))
+    previous = paths.adapter_dir(spec.init_from)
+    if not (previous / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{previous} holds no adapter: run train@{spec.init_from} first")
+    return PeftModel.from_pretrained(model, str(previous), is_trainable=True)
+
+
+def read_rows(stage: str, split: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(paths.prepared_file(stage, split), columns=["input_ids", "labels"])
+    return table.to_pylist()
+
+
+def mean_token_loss(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) -> float:
+    """Loss averaged over trainable tokens (not over batches), so splits of any shape compare."""
+    import torch
+
+    from tasks.core.trainer import PadCollator
+
+    collate = PadCollator(pad_token_id)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(model.device) for k, v in collate(rows[i : i + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += float(loss)
+            count += int((shift_labels != -100).sum())
+    return total / max(count, 1)
+
+
+def train_stage(stage: str, params: Params) -> StageResult:
+    from tasks.core.modeling import BaseInfo, load_base_model, load_tokenizer
+
+    if stage not in params.train.stages:
+        raise ConfigError(f"train: no stage {stage!r} in train.stages ({', '.join(params.stage_names)})")
+    spec = params.train.stages[stage]
+    info = BaseInfo.load()
+    tokenizer = load_tokenizer(info)
+    model = attach_adapter(load_base_model(info, params.train.quantization), stage, params)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    schedule = Schedule(
+        max_steps=spec.max_steps,
+        batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        warmup_ratio=spec.warmup_ratio,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        weight_decay=spec.weight_decay,
+        seed=params.seed,
+    )
+    log.info("train@%s from %s: %d trainable parameters, %d steps", stage, spec.init_from, trainable, spec.max_steps)
+    with tempfile.TemporaryDirectory() as work:
+        summary = run_trainer(model, read_rows(stage, "train"), schedule, tokenizer.pad_token_id, Path(work))
+    eval_loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id)
+    result = StageResult(stage, spec.init_from, trainable, eval_loss, summary)
+    save_stage(model, result, params)
+    return result
+
+
+def save_stage(model, result: StageResult, params: Params) -> None:
+    out = paths.adapter_dir(result.stage)
+    model.save_pretrained(str(out), safe_serialization=True)
+    info = {
+        "stage": result.stage,
+        "init_from": result.init_from,
+        "policy": "continue",
+        "quantization": params.train.quantization,
+        "kind": params.train.stages[result.stage].kind,
+    }
+    write_json(out / STAGE_INFO_FILE, info)
+    metrics = result.summary.metrics() | {
+        "eval_loss": round(result.eval_loss, 6),
+        "trainable_parameters": result.trainable_parameters,
+    }
+    write_json(paths.train_metrics(result.stage), metrics)
+    history = paths.train_history(result.stage)
+    history.parent.mkdir(parents=True, exist_ok=True)
+    history.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in result.summary.history))
+
+
+@task(name="train")
+def train_task(stage: str, params: Params) -> StageResult:
+    """Train one curriculum stage."""
+    return train_stage(stage, params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = train_stage(args.stage, load_params(args.params))
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+    s = result.summary
+    print(
+        f"train@{result.stage}: loss {s.first_loss:.3f} -> {s.last_loss:.3f} in {s.steps} steps, "
+        f"eval loss {result.eval_loss:.3f}, {s.tokens_per_second:.0f} tokens/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""`generate` stage: the synthetic curriculum is deterministic, unique, well-formed and right; a
+user source file replaces it for its stage; bad files stop the stage with a located message."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.core import paths
+from tasks.core.config import ConfigError, parse_params
+from tasks.core.records import check_record, content_hash, read_jsonl
+from tasks.generate import INTENTS, WORLD, generate_all, generate_stage_records, number_word
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = {"embedding": "pretrain", "syntax": "sft", "thinking": "sft", "instructions": "sft"}
+N = 300
+
+
+@pytest.fixture(scope="module")
+def curriculum() -> dict[str, list[dict]]:
+    return {stage: generate_stage_records(stage, kind, N, seed=7) for stage, kind in KINDS.items()}
+
+
+def user_turns(record):
+    return [m["content"] for m in record["messages"] if m["role"] == "user"]
+
+
+def assistant_turns(record):
+    return [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+
+
+@pytest.fixture
+def raw_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+class TestCurriculum:
+    @pytest.mark.parametrize("stage", KINDS)
+    def test_same_seed_same_records_other_seed_different(self, stage, curriculum):
+        again = generate_stage_records(stage, KINDS[stage], N, seed=7)
+        other = generate_stage_records(stage, KINDS[stage], N, seed=8)
+        assert again == curriculum[stage]
+        assert len({content_hash(r) for r in other} & {content_hash(r) for r in again}) < N // 2
+
+    @pytest.mark.parametrize("stage", KINDS)
+    def test_count_unique_and_valid(self, stage, curriculum):
+        records = curriculum[stage]
+        assert len(records) == N
+        assert len({content_hash(r) for r in records}) == N
+        for i, rec in enumerate(records):
+            assert check_record(rec, KINDS[stage], f"record {i}") == rec  # already normalised
+
+    @pytest.mark.parametrize("stage", KINDS)
+    def test_records_are_short(self, stage, curriculum):
+        # A cheap stand-in for "well under 200 BPE tokens": whitespace words across all turns.
+        for rec in curriculum[stage]:
+            text = rec.get("text") or " ".join(m["content"] for m in rec["messages"])
+            assert 4 <= len(text.split()) <= 90, text
+
+    def test_full_sizes_from_params_yaml(self, raw_params, caplog):
+        with caplog.at_level(logging.WARNING, logger="tasks.generate"):
+            for stage, spec in raw_params["data"]["generate"].items():
+                records = generate_stage_records(stage, KINDS[stage], spec["n_records"], raw_params["seed"])
+                assert len({content_hash(r) for r in records}) == spec["n_records"]
+        assert not caplog.records  # no stage ran out of unique records
+
+    def test_number_words(self):
+        assert [number_word(n) for n in (0, 7, 13, 20, 42, 99)] == [
+            "zero", "seven", "thirteen", "twenty", "forty-two", "ninety-nine"]
+        with pytest.raises(ValueError):
+            number_word(100)
+
+    def test_unknown_stage_and_wrong_kind_are_config_errors(self):
+        with pytest.raises(ConfigError, match=r"no synthetic data for stage 'poetry'.*data.sources.poetry"):
+            generate_stage_records("poetry", "sft", 5, 0)
+        with pytest.raises(ConfigError, match=r"train.stages.syntax.kind is 'pretrain'"):
+            generate_stage_records("syntax", "pretrain", 5, 0)
+
+
+class TestEmbedding:
+    def test_arithmetic_is_right_and_present(self, curriculum):
+        n_equations = 0
+        for rec in curriculum["embedding"]:
+            for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", rec["text"]):
+                n_equations += 1
+                assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c), rec["text"]
+        assert n_equations > N // 10
+
+    def test_words_match_digits(self, curriculum):
+        pattern = re.compile(r"(\w[\w-]*) (plus|minus) ([\w-]+) is ([\w-]+)\. (\d+) [+-] (\d+) = (\d+)\.")
+        matches = [m for rec in curriculum["embedding"] for m in pattern.finditer(rec["text"])]
+        assert matches
+        for m in matches:
+            a, b, c = (int(m.group(i)) for i in (5, 6, 7))
+            assert (m.group(1).lower(), m.group(3), m.group(4)) == (number_word(a), number_word(b), number_word(c))
+
+    def test_world_facts_are_consistent(self, curriculum):
+        for rec in curriculum["embedding"]:
+            for thing, name, colour in re.findall(r"The (\w+) of (\w+) is (\w+)\.", rec["text"]):
+                assert WORLD[name]["colours"][thing] == colour
+            for name, town in re.findall(r"(\w+) lives in (\w+)\.", rec["text"]):
+                assert WORLD[name]["town"] == town
+
+    def test_json_and_key_value_text_present(self, curriculum):
+        texts = [rec["text"] for rec in curriculum["embedding"]]
+        assert any('{"name": ' in t for t in texts)
+        assert any('"intent": ' in t for t in texts)
+        assert any(re.search(r"^name: \w+\ntown: \w+\npet: \w+$", t, re.M) for t in texts)
+
+
+class TestSyntax:
+    def test_reply_is_json_with_intent_and_slots_from_the_request(self, curriculum):
+        seen_intents = set()
+        for rec in curriculum["syntax"]:
+            assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
+            request = rec["messages"][0]["content"]
+            assert request.startswith("Extract JSON: ")
+            reply = json.loads(rec["messages"][1]["content"])
+            assert list(reply) == ["intent", "slots"]
+            order, _ = INTENTS[reply["intent"]]
+            assert 1 <= len(reply["slots"]) <= 3
+            assert list(reply["slots"]) == [k for k in order if k in reply["slots"]]  # fixed key order
+            for value in reply["slots"].values():
+                assert str(value) in request
+            seen_intents.add(reply["intent"])
+        assert seen_intents == set(INTENTS)
+
+
+def solve(question: str) -> int:
+    """Recompute a thinking question's answer from its words alone."""
+    counts = [int(n) for n in re.findall(r"has (\d+) ", question)]
+    if "together" in question:
+        return counts[0] + counts[1]
+    if "How many more" in question:
+        return counts[0] - counts[1]
+    have = counts[0]
+    for verb, n in re.findall(r"(buys|finds|gets|gives|loses) (\d+)", question):
+        have += int(n) if verb in ("buys", "finds", "gets") else -int(n)
+    return have
+
+
+class TestThinking:
+    def test_answer_line_is_exact_and_arithmetic_right(self, curriculum):
+        shapes = set()
+        for rec in curriculum["thinking"]:
+            (question,), (reply,) = user_turns(rec), assistant_turns(rec)
+            head, sep, final = reply.rpartition("\n</think>\n")
+            assert sep and head.startswith("<think>\n"), reply
+            answer = int(re.fullmatch(r"The answer is (\d+)\.", final).group(1))
+            assert answer == solve(question), rec
+            assert 0 <= answer <= 99
+            equations = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", head)
+            for a, op, b, c in equations:
+                assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c)
+            assert int(equations[-1][3]) == answer
+            if "together" not in question and "How many more" not in question:
+                shapes.add(len(equations))
+        assert {1, 2} <= shapes  # one- and two-step problems both present
+
+    def test_example_format(self):
+        rec = generate_stage_records("thinking", "sft", 40, seed=1234)
+        replies = [assistant_turns(r)[0] for r in rec]
+        assert any(re.fullmatch(r"<think>\n\w+ starts with \d+ \w+\.\n(?:\w+ .+: \d+ [+-] \d+ = \d+\.\n){1,2}</think>\nThe answer is \d+\.", r)
+                   for r in replies)
+
+
+class TestInstructions:
+    def test_roles_alternate_and_end_with_assistant(self, curriculum):
+        for rec in curriculum["instructions"]:
+            roles = [m["role"] for m in rec["messages"]]
+            assert roles in (["user", "assistant"], ["user", "assistant"] * 2)
+
+    def test_some_multi_turn(self, curriculum):
+        share = sum(len(r["messages"]) == 4 for r in curriculum["instructions"]) / N
+        assert 0.2 <= share <= 0.45
+
+    def test_answers_are_exact(self, curriculum):
+        checked = 0
+        for rec in curriculum["instructions"]:
+            user, reply = rec["messages"][0]["content"], rec["messages"][1]["content"]
+            if m := re.fullmatch(r"Reverse these words: (.+)", user):
+                assert reply == " ".join(reversed(m.group(1).split()))
+            elif m := re.fullmatch(r"Count the words in: (.+)", user):
+                assert reply == f"There are {len(m.group(1).split())} words."
+            elif m := re.fullmatch(r"Repeat the word (\w+) (\w+) times\.", user):
+                times = [number_word(n) for n in range(10)].index(m.group(2))
+                assert reply == " ".join([m.group(1)] * times)
+            elif m := re.search(r"What colour is the (\w+) of (\w+)\?", user):
+                thing, name = m.groups()
+                assert reply == f"The {thing} of {name} is {WORLD[name]['colours'][thing]}."
+            elif m := re.search(r"Where does (\w+) live\?", user):
+                assert reply == f"{m.group(1)} lives in {WORLD[m.group(1)]['town']}."
+            else:
+                assert re.fullmatch(r"Say ([a-z ]+) to (\w+)\.", user)
+                continue
+            checked += 1
+            if len(rec["messages"]) == 4 and rec["messages"][2]["content"] == "Now in uppercase.":
+                assert rec["messages"][3]["content"] == reply.upper()
+        assert checked > N // 2
+
+
+class TestGenerateAll:
+    def small(self, raw: dict, n: int = 12) -> dict:
+        raw = copy.deepcopy(raw)
+        for spec in raw["data"]["generate"].values():
+            spec["n_records"] = n
+        return raw
+
+    def test_writes_every_stage(self, raw_params, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        counts = generate_all(parse_params(self.small(raw_params)))
+        assert counts == {stage: 12 for stage in KINDS}
+        for stage in KINDS:
+            assert read_jsonl(paths.raw_file(stage)) == generate_stage_records(stage, KINDS[stage], 12, raw_params["seed"])
+
+    def test_user_source_replaces_generation(self, raw_params, tmp_path, monkeypatch, caplog):
+        monkeypatch.chdir(tmp_path)
+        source = Path("data/sources/my_syntax.jsonl")
+        source.parent.mkdir(parents=True)
+        chat = {"messages": [{"role": "user", "content": "Extract JSON: hi"},
+                             {"role": "assistant", "content": '{"intent": "greet", "slots": {}}'}], "note": "x"}
+        source.write_text(json.dumps(chat) + "\n" + json.dumps(chat) + "\n")
+        raw = self.small(raw_params)
+        raw["data"]["sources"]["syntax"] = str(source)
+        with caplog.at_level(logging.WARNING, logger="tasks.generate"):
+            counts = generate_all(parse_params(raw))
+        assert counts["syntax"] == 2 and counts["thinking"] == 12
+        expected = {"messages": chat["messages"]}
+        assert read_jsonl(paths.raw_file("syntax")) == [expected, expected]
+        assert not caplog.records  # under data/sources/: DVC tracks it, nothing to warn about
+
+    def test_source_outside_data_sources_warns(self, raw_params, tmp_path, monkeypatch, caplog):
+        monkeypatch.chdir(tmp_path)
+        Path("elsewhere.jsonl").write_text('{"text": "Mara lives in Oakridge."}\n')
+        raw = self.small(raw_params)
+        raw["data"]["sources"]["embedding"] = "elsewhere.jsonl"
+        with caplog.at_level(logging.WARNING, logger="tasks.generate"):
+            counts = generate_all(parse_params(raw))
+        assert counts["embedding"] == 1
+        assert "outside data/sources/" in caplog.text and "DVC does not track it" in caplog.text
+
+
+class TestMain:
+    def run_main(self, raw: dict, cwd: Path) -> subprocess.CompletedProcess:
+        (cwd / "p.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))  # stage order matters
+        env = os.environ | {"PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, "-m", "tasks.generate", "--params", "p.yaml"],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+    def test_bad_source_exits_2_with_located_message(self, raw_params, tmp_path):
+        bad = tmp_path / "data" / "sources" / "syntax.jsonl"
+        bad.parent.mkdir(parents=True)
+        bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
+                       '{"messages": [oops]}\n')
+        raw = TestGenerateAll().small(raw_params)
+        raw["data"]["sources"]["syntax"] = "data/sources/syntax.jsonl"
+        result = self.run_main(raw, tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.startswith("generate: data/sources/syntax.jsonl line 2: not valid JSON")
+        assert "Traceback" not in result.stderr
+
+    def test_success_prints_one_line_per_stage(self, raw_params, tmp_path):
+        result = self.run_main(TestGenerateAll().small(raw_params, 5), tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            f"generate: {stage}: 5 records (generated) -> data/raw/{stage}.jsonl" for stage in KINDS]
+
+    def test_bad_params_exits_2(self, raw_params, tmp_path):
+        raw = TestGenerateAll().small(raw_params)
+        raw["data"]["generate"]["syntax"]["n_records"] = 0
+        result = self.run_main(raw, tmp_path)
+        assert result.returncode == 2
+        assert "data.generate.syntax.n_records" in result.stderr and "Traceback" not in result.stderr
