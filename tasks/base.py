@@ -89,7 +89,7 @@ def build_tiny_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
 
 def _corpus_stage(params: Params) -> str:
     """The stage whose raw text pretrains the tiny base: the first `pretrain` stage of the plan."""
-    for name, spec in params.train.stages.items():
+    for name, spec in params.data.stages.items():
         if spec.kind == "pretrain":
             return name
     return params.stage_names[0]

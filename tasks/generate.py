@@ -1,6 +1,6 @@
 """`generate` stage: write each curriculum stage's raw records to `data/raw/<stage>.jsonl`.
 
-A stage with a file under `data.sources` takes its records from there (validated); the others get
+A stage with a file under `data.stages.<stage>.source` takes its records from there (validated); the others get
 the embedded synthetic curriculum, sized by `data.generate.<stage>.n_records` and fixed by `seed`.
 
     python -m tasks.generate [--params params.yaml]
@@ -378,11 +378,11 @@ def generate_stage_records(stage: str, kind: Literal["pretrain", "sft"], n_recor
     if stage not in GENERATORS:
         raise ConfigError(
             f"no synthetic data for stage {stage!r} (built in: {', '.join(GENERATORS)}): "
-            f"set data.sources.{stage} to a JSONL file under data/sources/"
+            f"set data.stages.{stage}.source to a JSONL file under data/sources/"
         )
     expected, make = GENERATORS[stage]
     if kind != expected:
-        raise ConfigError(f"train.stages.{stage}.kind is {kind!r}, but the built-in {stage} data is {expected!r}")
+        raise ConfigError(f"data.stages.{stage}.kind is {kind!r}, but the built-in {stage} data is {expected!r}")
     rng = random.Random(f"{seed}:{stage}")  # own stream per stage: resizing one stage leaves the others alone
     records, seen = [], set()
     for _ in range(n_records * MAX_TRIES_PER_RECORD):
@@ -403,19 +403,19 @@ def _warn_if_untracked(source: Path, stage: str) -> None:
         source.resolve().relative_to(paths.SOURCES_DIR.resolve())
     except ValueError:
         log.warning(
-            "data.sources.%s is %s, outside %s/: DVC does not track it, so editing it will not "
+            "data.stages.%s.source is %s, outside %s/: DVC does not track it, so editing it will not "
             "re-run the pipeline; move it under %s/", stage, source, paths.SOURCES_DIR, paths.SOURCES_DIR,
         )
 
 
 def stage_records(stage: str, params: Params) -> list[dict]:
     """The user's file for this stage if one is set, otherwise the synthetic curriculum."""
-    kind = params.train.stages[stage].kind
-    source = params.data.sources.get(stage)
+    spec = params.data.stages[stage]
+    kind, source = spec.kind, spec.source
     if source:
         _warn_if_untracked(Path(source), stage)
         return load_stage_records(source, kind)
-    return generate_stage_records(stage, kind, params.data.generate[stage].n_records, params.seed)
+    return generate_stage_records(stage, kind, spec.n_records or 0, params.seed)
 
 
 def generate_all(params: Params) -> dict[str, int]:
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generate: {exc}", file=sys.stderr)
         return 2
     for stage, n in counts.items():
-        origin = params.data.sources.get(stage) or "generated"
+        origin = params.data.stages[stage].source or "generated"
         print(f"generate: {stage}: {n} records ({origin}) -> {paths.raw_file(stage)}")
     return 0
 

@@ -22,7 +22,10 @@ from tasks.core.chat import Encoded, encode_chat, encode_text
 from tasks.core.config import ConfigError, Params, load_params
 from tasks.core.records import content_hash, read_jsonl, write_jsonl
 
-COLUMNS = ("input_ids", "labels", "n_tokens", "n_trainable", "trainable_share", "content_hash", "split", "record_json")
+COLUMNS = (
+    "input_ids", "labels", "n_tokens", "n_trainable", "trainable_share", "content_hash", "split",
+    "record_json", "source_stage",
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class PreparedStage:
     n_train: int
     n_eval: int
     n_rejected: int
+    n_replayed: int = 0
 
 
 def split_of(digest: str, eval_fraction: float) -> str:
@@ -77,8 +81,21 @@ def prepare_stage(stage: str, kind: str, records: list[dict], tokenizer, params:
                 "content_hash": digest if len(encoded) == 1 else f"{digest}:{part}",
                 "split": split,
                 "record_json": record_json,
+                "source_stage": stage,
             })
     return splits, rejects
+
+
+def replay_rows(stage: str, own: list[dict], earlier: list[list[dict]], share: float, seed: int) -> list[dict]:
+    """Rows sampled from earlier stages' training data so that `share` of the mix is replay."""
+    import random
+
+    pool = [row for rows in earlier for row in rows]
+    wanted = round(len(own) * share / (1 - share)) if share else 0
+    if not pool or not wanted:
+        return []
+    rng = random.Random(f"{seed}:replay:{stage}")
+    return rng.sample(pool, min(wanted, len(pool)))
 
 
 def write_split(rows: list[dict], path: Path) -> None:
@@ -94,6 +111,7 @@ def write_split(rows: list[dict], path: Path) -> None:
         ("content_hash", pa.string()),
         ("split", pa.string()),
         ("record_json", pa.string()),
+        ("source_stage", pa.string()),
     ])
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=schema)
@@ -105,13 +123,16 @@ def prepare_all(params: Params) -> list[PreparedStage]:
 
     tokenizer = load_tokenizer(BaseInfo.load())
     results = []
-    for stage, spec in params.train.stages.items():
+    own_train: list[list[dict]] = []  # each earlier stage's own training rows, in plan order
+    for stage, spec in params.data.stages.items():
         records = read_jsonl(paths.raw_file(stage))
         splits, rejects = prepare_stage(stage, spec.kind, records, tokenizer, params)
-        for split, rows in splits.items():
-            write_split(rows, paths.prepared_file(stage, split))
+        replayed = replay_rows(stage, splits["train"], own_train, spec.replay_share, params.seed)
+        own_train.append(splits["train"])
+        write_split(splits["train"] + replayed, paths.prepared_file(stage, "train"))
+        write_split(splits["eval"], paths.prepared_file(stage, "eval"))
         write_jsonl(paths.PREPARED_DIR / stage / "rejects.jsonl", rejects)
-        results.append(PreparedStage(stage, len(splits["train"]), len(splits["eval"]), len(rejects)))
+        results.append(PreparedStage(stage, len(splits["train"]), len(splits["eval"]), len(rejects), len(replayed)))
     return results
 
 
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
     for r in results:
-        print(f"prepare: {r.stage}: {r.n_train} train, {r.n_eval} eval, {r.n_rejected} rejected")
+        print(f"prepare: {r.stage}: {r.n_train} train (+{r.n_replayed} replayed), {r.n_eval} eval, {r.n_rejected} rejected")
     return 0
 
 

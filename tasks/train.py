@@ -130,7 +130,7 @@ def save_stage(model, result: StageResult, params: Params) -> None:
         "init_from": result.init_from,
         "policy": "continue",
         "quantization": params.train.quantization,
-        "kind": params.train.stages[result.stage].kind,
+        "kind": params.data.stages[result.stage].kind,
     }
     write_json(out / STAGE_INFO_FILE, info)
     metrics = result.summary.metrics() | {

@@ -68,7 +68,7 @@ class TestCurriculum:
 
     def test_full_sizes_from_params_yaml(self, raw_params, caplog):
         with caplog.at_level(logging.WARNING, logger="tasks.generate"):
-            for stage, spec in raw_params["data"]["generate"].items():
+            for stage, spec in raw_params["data"]["stages"].items():
                 records = generate_stage_records(stage, KINDS[stage], spec["n_records"], raw_params["seed"])
                 assert len({content_hash(r) for r in records}) == spec["n_records"]
         assert not caplog.records  # no stage ran out of unique records
@@ -80,9 +80,9 @@ class TestCurriculum:
             number_word(100)
 
     def test_unknown_stage_and_wrong_kind_are_config_errors(self):
-        with pytest.raises(ConfigError, match=r"no synthetic data for stage 'poetry'.*data.sources.poetry"):
+        with pytest.raises(ConfigError, match=r"no synthetic data for stage 'poetry'.*data.stages.poetry.source"):
             generate_stage_records("poetry", "sft", 5, 0)
-        with pytest.raises(ConfigError, match=r"train.stages.syntax.kind is 'pretrain'"):
+        with pytest.raises(ConfigError, match=r"data.stages.syntax.kind is 'pretrain'"):
             generate_stage_records("syntax", "pretrain", 5, 0)
 
 
@@ -211,7 +211,7 @@ class TestInstructions:
 class TestGenerateAll:
     def small(self, raw: dict, n: int = 12) -> dict:
         raw = copy.deepcopy(raw)
-        for spec in raw["data"]["generate"].values():
+        for spec in raw["data"]["stages"].values():
             spec["n_records"] = n
         return raw
 
@@ -230,7 +230,7 @@ class TestGenerateAll:
                              {"role": "assistant", "content": '{"intent": "greet", "slots": {}}'}], "note": "x"}
         source.write_text(json.dumps(chat) + "\n" + json.dumps(chat) + "\n")
         raw = self.small(raw_params)
-        raw["data"]["sources"]["syntax"] = str(source)
+        raw["data"]["stages"]["syntax"]["source"] = str(source)
         with caplog.at_level(logging.WARNING, logger="tasks.generate"):
             counts = generate_all(parse_params(raw))
         assert counts["syntax"] == 2 and counts["thinking"] == 12
@@ -242,7 +242,7 @@ class TestGenerateAll:
         monkeypatch.chdir(tmp_path)
         Path("elsewhere.jsonl").write_text('{"text": "Mara lives in Oakridge."}\n')
         raw = self.small(raw_params)
-        raw["data"]["sources"]["embedding"] = "elsewhere.jsonl"
+        raw["data"]["stages"]["embedding"]["source"] = "elsewhere.jsonl"
         with caplog.at_level(logging.WARNING, logger="tasks.generate"):
             counts = generate_all(parse_params(raw))
         assert counts["embedding"] == 1
@@ -262,7 +262,7 @@ class TestMain:
         bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
                        '{"messages": [oops]}\n')
         raw = TestGenerateAll().small(raw_params)
-        raw["data"]["sources"]["syntax"] = "data/sources/syntax.jsonl"
+        raw["data"]["stages"]["syntax"]["source"] = "data/sources/syntax.jsonl"
         result = self.run_main(raw, tmp_path)
         assert result.returncode == 2
         assert result.stderr.startswith("generate: data/sources/syntax.jsonl line 2: not valid JSON")
@@ -276,7 +276,7 @@ class TestMain:
 
     def test_bad_params_exits_2(self, raw_params, tmp_path):
         raw = TestGenerateAll().small(raw_params)
-        raw["data"]["generate"]["syntax"]["n_records"] = 0
+        raw["data"]["stages"]["syntax"]["n_records"] = 0
         result = self.run_main(raw, tmp_path)
         assert result.returncode == 2
-        assert "data.generate.syntax.n_records" in result.stderr and "Traceback" not in result.stderr
+        assert "data.stages.syntax.n_records" in result.stderr and "Traceback" not in result.stderr

@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGE_KINDS = ("pretrain", "sft")
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -29,17 +28,27 @@ class Strict(BaseModel):
 # --- data -----------------------------------------------------------------------------------
 
 
-class GenerateSpec(Strict):
-    """How many synthetic records the embedded default makes for one stage."""
+class DataStageSpec(Strict):
+    """One stage's data: its shape, where it comes from, and how much earlier data it replays."""
 
-    n_records: PositiveInt
+    kind: Literal["pretrain", "sft"]  # raw text (`text`) or chat (`messages`)
+    n_records: PositiveInt | None = None  # synthetic records to generate
+    # A user JSONL file (under data/sources/ so DVC hashes it) replacing generation.
+    source: str | None = None
+    # Share of this stage's training rows drawn from earlier stages' training data, against
+    # forgetting what they taught (sampled deterministically in `prepare`).
+    replay_share: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _has_data(self) -> DataStageSpec:
+        if self.n_records is None and not self.source:
+            raise ValueError("set n_records (synthetic data) or source (your JSONL file)")
+        return self
 
 
 class DataConfig(Strict):
-    # Sizes of the synthetic curriculum, per stage name.
-    generate: dict[str, GenerateSpec]
-    # Per stage, a user JSONL file (records with `text` or `messages`) replacing generation.
-    sources: dict[str, str | None] = Field(default_factory=dict)
+    # Per curriculum stage, in the same order as train.stages.
+    stages: dict[str, DataStageSpec]
 
 
 # --- model ----------------------------------------------------------------------------------
@@ -131,7 +140,6 @@ class LoraConfig(Strict):
 class StageSpec(Strict):
     """One curriculum stage: its data kind, where it starts from, and its optimisation settings."""
 
-    kind: Literal["pretrain", "sft"]
     init_from: str
     max_steps: PositiveInt
     batch_size: PositiveInt = 8
@@ -203,14 +211,14 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _data_covers_plan(self) -> Params:
-        for name in self.train.stages:
-            if name not in self.data.generate and not self.data.sources.get(name):
-                raise ValueError(
-                    f"stage {name!r} has no data: add data.generate.{name} or data.sources.{name}"
-                )
-        for name in list(self.data.sources) + list(self.data.generate):
-            if name not in self.train.stages:
-                raise ValueError(f"data for {name!r}, which is not a stage in train.stages")
+        planned, described = list(self.train.stages), list(self.data.stages)
+        if planned != described:
+            missing = [n for n in planned if n not in described]
+            extra = [n for n in described if n not in planned]
+            detail = (f"no data.stages entry for {missing}" if missing else
+                      f"data.stages has {extra}, not in train.stages" if extra else
+                      f"order differs: data.stages {described} vs train.stages {planned}")
+            raise ValueError(f"data.stages must list the stages of train.stages in the same order: {detail}")
         return self
 
     @property

@@ -97,7 +97,7 @@ def load_stage_records(path: str | Path, kind: Literal["pretrain", "sft"]) -> li
     """Read and validate a user's stage file; records come back normalised (other keys dropped)."""
     path = Path(path)
     if not path.is_file():
-        raise RecordError(f"{path}: file not found (paths in data.sources are relative to the project root)")
+        raise RecordError(f"{path}: file not found (paths in data.stages.<stage>.source are relative to the project root)")
     records = [check_record(obj, kind, f"{path} line {lineno}") for lineno, obj in _numbered_objects(path)]
     if not records:
         raise RecordError(f"{path}: no records (expected one JSON object per line)")

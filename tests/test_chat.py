@@ -1,0 +1,146 @@
+"""Chat encoding with a real tiny BPE tokenizer: only assistant replies and their end marker train."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.core.chat import IGNORE_INDEX, Encoded, assistant_spans, encode_chat, encode_text, generation_prompt, render
+from tasks.core.modeling import CHAT_TEMPLATE
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+Q1 = {"role": "user", "content": "What is 2+2?"}
+A1 = {"role": "assistant", "content": "The answer is 4."}
+Q2 = {"role": "user", "content": "Give it as JSON."}
+A2 = {"role": "assistant", "content": '{"answer": 4}'}
+THINK = {"role": "assistant", "content": "<think>\n2+2=4, so 4.\n</think>\n\nThe answer is 4."}
+ACCENTS = {"role": "assistant", "content": "Café crème, naïve – déjà vu ☕"}
+
+CONVERSATIONS = {
+    "single": [Q1, A1],
+    "single_system": [SYSTEM, Q1, A1],
+    "multi": [Q1, A1, Q2, A2],
+    "multi_system": [SYSTEM, Q1, A1, Q2, A2],
+    "thinking": [SYSTEM, Q1, THINK],
+    "thinking_multi": [Q1, THINK, Q2, A2],
+    "non_ascii": [Q1, ACCENTS],
+}
+
+
+def trainable_runs(enc: Encoded) -> list[list[int]]:
+    """Contiguous runs of trained token ids."""
+    runs: list[list[int]] = []
+    previous_trained = False
+    for token_id, label in zip(enc.input_ids, enc.labels):
+        trained = label != IGNORE_INDEX
+        if trained:
+            assert label == token_id
+            if not previous_trained:
+                runs.append([])
+            runs[-1].append(token_id)
+        previous_trained = trained
+    return runs
+
+
+class TestEncodeChat:
+    @pytest.mark.parametrize("name", list(CONVERSATIONS))
+    def test_trains_exactly_the_replies(self, unit_tokenizer, name):
+        messages = CONVERSATIONS[name]
+        enc = encode_chat(unit_tokenizer, messages)
+        replies = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+        assert [unit_tokenizer.decode(run) for run in trainable_runs(enc)] == replies
+        assert len(enc.labels) == len(enc.input_ids)
+
+    @pytest.mark.parametrize("name", list(CONVERSATIONS))
+    def test_ids_are_the_rendered_conversation(self, unit_tokenizer, name):
+        messages = CONVERSATIONS[name]
+        enc = encode_chat(unit_tokenizer, messages)
+        assert unit_tokenizer.decode(enc.input_ids) == render(unit_tokenizer, messages)
+
+    def test_untrained_parts(self, unit_tokenizer):
+        enc = encode_chat(unit_tokenizer, [SYSTEM, Q1, A1])
+        ignored = unit_tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX])
+        assert ignored == (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n\n"
+        )
+        im_end = unit_tokenizer.convert_tokens_to_ids("<|im_end|>")
+        last_trained = max(i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX)
+        assert enc.input_ids[last_trained] == im_end
+        assert enc.labels[last_trained + 1 :] == [IGNORE_INDEX]  # the newline after the marker
+
+    def test_think_markers_are_single_tokens(self, unit_tokenizer):
+        enc = encode_chat(unit_tokenizer, [Q1, THINK])
+        trained = [t for t in enc.labels if t != IGNORE_INDEX]
+        for marker in ("<think>", "</think>"):
+            assert unit_tokenizer.convert_tokens_to_ids(marker) in trained
+
+    def test_n_trainable(self, unit_tokenizer):
+        enc = encode_chat(unit_tokenizer, [Q1, A1, Q2, A2])
+        assert enc.n_trainable == sum(len(run) for run in trainable_runs(enc))
+        assert 0 < enc.n_trainable < len(enc.input_ids)
+
+    def test_no_assistant_trains_nothing(self, unit_tokenizer):
+        enc = encode_chat(unit_tokenizer, [SYSTEM, Q1])
+        assert enc.n_trainable == 0 and len(enc.input_ids) > 0
+
+    def test_deterministic(self, unit_tokenizer):
+        assert encode_chat(unit_tokenizer, [Q1, THINK]) == encode_chat(unit_tokenizer, [Q1, THINK])
+
+
+def test_assistant_spans_are_character_spans(unit_tokenizer):
+    text, spans = assistant_spans(unit_tokenizer, [Q1, A1, Q2, A2])
+    assert [text[s:e] for s, e in spans] == ["The answer is 4.<|im_end|>", '{"answer": 4}<|im_end|>']
+
+
+class TestEncodeText:
+    def test_every_token_trained_and_ends_with_endoftext(self, unit_tokenizer):
+        enc = encode_text(unit_tokenizer, "The quick brown fox jumps over the lazy dog.")
+        end = unit_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        assert enc.labels == enc.input_ids
+        assert enc.input_ids[-1] == end
+        assert end not in enc.input_ids[:-1]
+        assert enc.n_trainable == len(enc.input_ids)
+        assert unit_tokenizer.decode(enc.input_ids) == "The quick brown fox jumps over the lazy dog.<|endoftext|>"
+
+    def test_empty_text_is_just_the_marker(self, unit_tokenizer):
+        end = unit_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        assert encode_text(unit_tokenizer, "") == Encoded([end], [end])
+
+
+class TestGenerationPrompt:
+    @pytest.mark.parametrize("name", list(CONVERSATIONS))
+    def test_prompt_for_last_reply(self, unit_tokenizer, name):
+        messages = CONVERSATIONS[name]
+        prompt = generation_prompt(unit_tokenizer, messages)
+        last_reply = messages[-1]["content"] + "<|im_end|>\n"
+        assert prompt.endswith("<|im_start|>assistant\n")
+        assert prompt + last_reply == render(unit_tokenizer, messages)
+
+    def test_exact_text(self, unit_tokenizer):
+        assert generation_prompt(unit_tokenizer, [Q1, A1]) == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+
+    @pytest.mark.parametrize(
+        "kwargs, tail",
+        [
+            ({}, "<|im_start|>assistant\n"),
+            ({"enable_thinking": True}, "<|im_start|>assistant\n"),
+            ({"enable_thinking": False}, "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        ],
+    )
+    def test_enable_thinking(self, unit_tokenizer, kwargs, tail):
+        text = unit_tokenizer.apply_chat_template([Q1], tokenize=False, add_generation_prompt=True, **kwargs)
+        assert text == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n" + tail
+
+
+def test_tokenizer_round_trips(unit_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    unit_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.chat_template == unit_tokenizer.chat_template == CHAT_TEMPLATE
+    assert len(reloaded) == len(unit_tokenizer)
+    assert (reloaded.eos_token, reloaded.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    for name in CONVERSATIONS:
+        assert encode_chat(reloaded, CONVERSATIONS[name]) == encode_chat(unit_tokenizer, CONVERSATIONS[name])
+    text = "Tom has 3 apples.<think>x</think>"
+    assert encode_text(reloaded, text) == encode_text(unit_tokenizer, text)

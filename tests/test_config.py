@@ -1,0 +1,223 @@
+"""Typed config: the repo's params.yaml parses, and every kind of mistake names its dotted key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.core.config import ConfigError, LoraConfig, load_params, parse_params
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+RAW = yaml.safe_load(PARAMS_FILE.read_text())
+
+
+def modified(mutate) -> dict:
+    raw = copy.deepcopy(RAW)
+    mutate(raw)
+    return raw
+
+
+def rename_stage(raw: dict, old: str, new: str) -> None:
+    """Rename a stage keeping plan order, in both train.stages and data.stages."""
+    for section in (raw["train"], raw["data"]):
+        section["stages"] = {new if k == old else k: v for k, v in section["stages"].items()}
+
+
+class TestRepoParams:
+    def test_loads_with_curriculum_in_order(self):
+        params = load_params(PARAMS_FILE)
+        assert params.stage_names == ["embedding", "syntax", "thinking", "instructions"]
+        assert list(params.data.stages) == params.stage_names
+        assert [s.kind for s in params.data.stages.values()] == ["pretrain", "sft", "sft", "sft"]
+        assert [s.n_records for s in params.data.stages.values()] == [1200, 600, 600, 600]
+        assert [s.replay_share for s in params.data.stages.values()] == [0.0, 0.3, 0.3, 0.3]
+        assert all(s.source is None for s in params.data.stages.values())
+        assert [s.init_from for s in params.train.stages.values()] == ["base", "embedding", "syntax", "thinking"]
+
+    def test_aliased_sections_and_values(self):
+        params = load_params(PARAMS_FILE)
+        assert params.seed == 1234
+        assert params.validate_.min_tokens == 4
+        assert params.register_.model_name == "stagewise-assistant"
+        assert params.train.stages["syntax"].learning_rate == pytest.approx(3.0e-3)
+        assert params.model.name_or_path is None
+        assert params.model.tiny.pretrain.max_steps == 300
+
+    def test_final_stage_is_last(self):
+        assert load_params(PARAMS_FILE).train.final_stage == "instructions"
+
+    def test_lora_for_falls_back_to_shared_block(self):
+        params = load_params(PARAMS_FILE)
+        shared = params.train.lora
+        assert params.train.lora_for("syntax") is shared
+        assert shared.r == 16 and shared.alpha == 32
+        assert shared.target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+    def test_lora_for_uses_stage_block(self):
+        raw = modified(lambda r: r["train"]["stages"]["thinking"].update(lora={"r": 4, "alpha": 8}))
+        params = parse_params(raw)
+        assert params.train.lora_for("thinking") == LoraConfig(r=4, alpha=8)
+        assert params.train.lora_for("syntax").r == 16
+
+
+def _unknown_top(r):
+    r["sead"] = 1
+
+
+def _unknown_nested(r):
+    r["train"]["stages"]["syntax"]["learnin_rate"] = 1e-3
+
+
+def _wrong_type(r):
+    r["train"]["stages"]["syntax"]["max_steps"] = "many"
+
+
+def _negative_lr(r):
+    r["train"]["stages"]["thinking"]["learning_rate"] = -1e-3
+
+
+def _init_from_missing(r):
+    r["train"]["stages"]["syntax"]["init_from"] = "warmup"
+
+
+def _init_from_later(r):
+    r["train"]["stages"]["syntax"]["init_from"] = "thinking"
+
+
+def _stage_named_base(r):
+    rename_stage(r, "embedding", "base")
+
+
+def _dropout_with_parameters(r):
+    r["train"]["lora"]["dropout"] = 0.1
+
+
+def _stage_dropout_with_parameters(r):
+    r["train"]["stages"]["syntax"]["lora"] = {"dropout": 0.05, "target_parameters": ["mlp.experts.down_proj"]}
+
+
+def _min_over_max_tokens(r):
+    r["validate"]["min_tokens"] = 300
+
+
+def _stage_without_data(r):
+    del r["data"]["stages"]["thinking"]["n_records"]
+
+
+def _stage_without_data_entry(r):
+    del r["data"]["stages"]["thinking"]
+
+
+def _data_for_unknown_stage(r):
+    r["data"]["stages"]["extra"] = {"kind": "sft", "n_records": 5}
+
+
+def _data_out_of_order(r):
+    stages = r["data"]["stages"]
+    r["data"]["stages"] = {k: stages[k] for k in ("syntax", "embedding", "thinking", "instructions")}
+
+
+def _unknown_data_kind(r):
+    r["data"]["stages"]["syntax"]["kind"] = "rlhf"
+
+
+def _replay_share_one(r):
+    r["data"]["stages"]["syntax"]["replay_share"] = 1.0
+
+
+def _unknown_register_key(r):
+    r["register"]["treshold"] = 1
+
+
+def _experts_per_tok_over_experts(r):
+    r["model"]["tiny"]["num_experts_per_tok"] = 9
+
+
+class TestParseParamsErrors:
+    @pytest.mark.parametrize(
+        "mutate, key, reason",
+        [
+            (_unknown_top, "sead", "unknown key"),
+            (_unknown_nested, "train.stages.syntax.learnin_rate", "unknown key"),
+            (_wrong_type, "train.stages.syntax.max_steps", "valid integer"),
+            (_negative_lr, "train.stages.thinking.learning_rate", "greater than 0"),
+            (_init_from_missing, "train", "train.stages.syntax.init_from is 'warmup'"),
+            (_init_from_later, "train", "train.stages.syntax.init_from is 'thinking'"),
+            (_stage_named_base, "train", "`base` is reserved"),
+            (_dropout_with_parameters, "train.lora", "dropout must be 0 when target_parameters is set"),
+            (_stage_dropout_with_parameters, "train.stages.syntax.lora", "dropout must be 0"),
+            (_min_over_max_tokens, "validate", "min_tokens must not exceed max_tokens"),
+            (_stage_without_data, "data.stages.thinking", "set n_records (synthetic data) or source (your JSONL file)"),
+            (_stage_without_data_entry, "(top level)", "no data.stages entry for ['thinking']"),
+            (_data_for_unknown_stage, "(top level)", "data.stages has ['extra'], not in train.stages"),
+            (_data_out_of_order, "(top level)", "order differs: data.stages ['syntax', 'embedding'"),
+            (_unknown_data_kind, "data.stages.syntax.kind", "'pretrain' or 'sft'"),
+            (_replay_share_one, "data.stages.syntax.replay_share", "less than 1"),
+            (_unknown_register_key, "register.treshold", "unknown key"),
+            (_experts_per_tok_over_experts, "model.tiny", "num_experts_per_tok must not exceed num_experts"),
+        ],
+    )
+    def test_names_dotted_key(self, mutate, key, reason):
+        with pytest.raises(ConfigError) as err:
+            parse_params(modified(mutate), source="my-params.yaml")
+        message = str(err.value)
+        assert message.startswith("my-params.yaml is invalid:\n")
+        line = next(line for line in message.splitlines()[1:] if line.startswith(f"  {key}: "))
+        assert reason in line
+
+    def test_init_from_later_lists_earlier_stages(self):
+        with pytest.raises(ConfigError, match=r"stage listed before it \(embedding\)"):
+            parse_params(modified(_init_from_later))
+
+    def test_every_bad_key_is_reported(self):
+        def two_mistakes(r):
+            _wrong_type(r)
+            _negative_lr(r)
+
+        with pytest.raises(ConfigError) as err:
+            parse_params(modified(two_mistakes))
+        keys = [line.split(":")[0].strip() for line in str(err.value).splitlines()[1:]]
+        assert keys == ["train.stages.syntax.max_steps", "train.stages.thinking.learning_rate"]
+
+    def test_source_replaces_n_records(self):
+        def sourced(r):
+            r["data"]["stages"]["thinking"] = {"kind": "sft", "source": "data/sources/thinking.jsonl"}
+
+        spec = parse_params(modified(sourced)).data.stages["thinking"]
+        assert (spec.source, spec.n_records, spec.replay_share) == ("data/sources/thinking.jsonl", None, 0.0)
+
+    def test_empty_stage_plan(self):
+        def empty(r):
+            r["train"]["stages"] = {}
+            r["data"]["stages"] = {}
+
+        with pytest.raises(ConfigError, match=r"  train: the stage plan is empty"):
+            parse_params(modified(empty))
+
+
+class TestLoadParamsFiles:
+    def test_missing_file(self, tmp_path):
+        path = tmp_path / "nope.yaml"
+        with pytest.raises(ConfigError, match=rf"^{path} not found"):
+            load_params(path)
+
+    def test_invalid_yaml(self, tmp_path):
+        path = tmp_path / "broken.yaml"
+        path.write_text("train:\n  stages: [unclosed\n")
+        with pytest.raises(ConfigError, match=rf"^{path} is not valid YAML"):
+            load_params(path)
+
+    def test_not_a_mapping(self, tmp_path):
+        path = tmp_path / "list.yaml"
+        path.write_text("- 1\n- 2\n")
+        with pytest.raises(ConfigError, match=rf"^{path} must hold a mapping"):
+            load_params(path)
+
+    def test_invalid_content_names_file(self, tmp_path):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(modified(_unknown_nested)))
+        with pytest.raises(ConfigError, match=rf"^{path} is invalid:\n  train.stages.syntax.learnin_rate: unknown key"):
+            load_params(path)

@@ -1,0 +1,129 @@
+"""End to end: the Prefect flow and `dvc repro` run the same DAG on the embedded default.
+
+One workspace (a temp git repo copied from the project, small params) is shared by the tests in
+file order: the flow runs everything, `dvc repro` then finds nothing to do, the MLflow store holds
+the runs and the registered version, training beat the base, and a changed training param re-runs
+exactly that stage and what follows it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from tests.pipeline_workspace import PROJECT, Workspace, make_workspace, small_params
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["embedding", "syntax", "thinking", "instructions"]
+ALL_DVC_STAGES = ["generate", "base", "prepare", "validate", *[f"train@{s}" for s in STAGES], "evaluate", "register"]
+
+
+def ran_stages(dvc_output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", dvc_output)
+
+
+def flow_ran(flow_output: str) -> list[str]:
+    match = re.search(r"pipeline: \d+ stage\(s\) ran \(([^)]*)\)", flow_output)
+    assert match, f"no summary line in flow output:\n{flow_output[-3000:]}"
+    return [] if match.group(1) == "none" else match.group(1).split(", ")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    ws = make_workspace(tmp_path_factory.mktemp("pipeline"), small_params(raw))
+    ws.first_flow = ws.flow()  # type: ignore[attr-defined]
+    return ws
+
+
+def test_flow_runs_every_stage_in_dag_order(workspace):
+    assert flow_ran(workspace.first_flow.stdout) == ALL_DVC_STAGES
+    for stage in STAGES:
+        assert (workspace.root / "models" / stage / "adapter_model.safetensors").exists()
+        assert not list((workspace.root / "models" / stage).glob("*.bin"))
+    lock = yaml.safe_load((workspace.root / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(ALL_DVC_STAGES)
+
+
+def test_dvc_repro_after_the_flow_is_a_no_op(workspace):
+    lock_before = (workspace.root / "dvc.lock").read_text()
+    out = workspace.dvc("repro")
+    assert ran_stages(out.stdout) == []
+    assert (workspace.root / "dvc.lock").read_text() == lock_before
+    assert workspace.dvc("status").stdout.strip().endswith("Data and pipelines are up to date.")
+
+
+def test_training_beat_the_base_on_every_sft_stage(workspace):
+    scores = json.loads((workspace.root / "metrics" / "evaluate.json").read_text())
+    for stage in ["syntax", "thinking", "instructions"]:
+        base, final = scores["base"][f"{stage}_eval_loss"], scores["final"][f"{stage}_eval_loss"]
+        assert final < base, f"{stage}: final eval loss {final} is not below the base's {base}"
+    assert 0.0 <= scores["final"]["syntax_json_valid"] <= 1.0
+    assert 0.0 <= scores["final"]["thinking_exact_match"] <= 1.0
+
+
+def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=workspace.env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("stagewise")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    assert parent.data.params["train.stages.syntax.max_steps"] == "30"
+    assert "final.syntax_eval_loss" in parent.data.metrics
+    thinking = next(r for r in children if r.info.run_name == "thinking")
+    history = client.get_metric_history(thinking.info.run_id, "loss")
+    assert len(history) >= 2 and history[-1].value < history[0].value
+    assert "tokens_per_second" in thinking.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(thinking.info.run_id)}
+    assert {"adapter", "validation", "metrics"} <= artifacts
+
+    version = client.get_model_version_by_alias("stagewise-assistant", "challenger")
+    head = workspace.run("git", "rev-parse", "HEAD").stdout.strip()
+    assert version.tags["git_commit"] == head
+    assert version.tags["git_dirty"] == "false"  # outputs are DVC's, not git's: the tree stays clean
+    lock = yaml.safe_load((workspace.root / "dvc.lock").read_text())
+    for stage in STAGES:
+        dep = next(d for d in lock["stages"][f"train@{stage}"]["deps"] if d["path"] == f"data/prepared/{stage}")
+        assert version.tags[f"data_md5.{stage}"] == dep["md5"]
+    assert version.run_id == next(r.info.run_id for r in children if r.info.run_name == "instructions")
+    registration = json.loads((workspace.root / "reports" / "registration.json").read_text())
+    assert registration["version"] == str(version.version)
+    if registration["gate_passed"]:
+        assert client.get_model_version_by_alias("stagewise-assistant", "champion").version == version.version
+    del mlflow
+
+
+def test_changed_training_param_reruns_that_stage_and_downstream_only(workspace):
+    params = workspace.params()
+    params["train"]["stages"]["thinking"]["learning_rate"] = 0.002
+    workspace.write_params(params)
+    out = workspace.dvc("repro")
+    assert ran_stages(out.stdout) == ["train@thinking", "train@instructions", "evaluate", "register"]
+    # ...and the flow then finds every stage up to date.
+    assert flow_ran(workspace.flow().stdout) == []
+
+
+def test_flow_override_is_recorded_in_params_and_reruns_downstream(workspace):
+    out = workspace.flow("--set", "train.stages.instructions.max_steps=20")
+    assert flow_ran(out.stdout) == ["train@instructions", "evaluate", "register"]
+    text = (workspace.root / "params.yaml").read_text()
+    assert yaml.safe_load(text)["train"]["stages"]["instructions"]["max_steps"] == 20
+    assert ran_stages(workspace.dvc("repro").stdout) == []
+
+
+def test_bad_override_fails_before_any_work(workspace):
+    before = (workspace.root / "params.yaml").read_text()
+    out = workspace.flow("--set", "train.stages.syntax.learning_rate=-1", check=False)
+    assert out.returncode != 0
+    assert "train.stages.syntax.learning_rate" in out.stderr
+    assert (workspace.root / "params.yaml").read_text() == before
