@@ -17,7 +17,13 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. train.stages.syntax.max_steps=200)")
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads `1e-3` as a string; params want the number
+        try:
+            parsed = float(parsed) if not parsed.strip().lstrip("+-").isdigit() else int(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -44,6 +50,7 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
 
     rt = YAML()  # round-trip: keeps comments and key order
     rt.preserve_quotes = True
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(params_file.read_text())
     for key, value in overrides.items():
         set_dotted(doc, key, value)

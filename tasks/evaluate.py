@@ -14,6 +14,7 @@ import json
 import math
 import re
 import sys
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from prefect import task
@@ -22,8 +23,8 @@ from tasks.core import paths
 from tasks.core.config import ConfigError, EvaluateConfig, Params, load_params
 from tasks.core.trainer import write_json
 
-_ANSWER = re.compile(r"answer is\s*\$?(-?[\d,]*\.?\d+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+_ANSWER = re.compile(r"answer is\s*:?\s*\$?((?<![\w-])-?[\d,]*\.?\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"(?:(?<![\w-])-)?\d[\d,]*\.?\d*")
 
 
 def extract_answer(text: str) -> str | None:
@@ -43,10 +44,10 @@ def extract_answer(text: str) -> str | None:
         return None
     value = value.replace(",", "").rstrip(".")
     try:
-        number = float(value)
-    except ValueError:
+        number = Decimal(value)  # exact: long integers must not round through float
+    except InvalidOperation:
         return None
-    return str(int(number)) if number == int(number) else str(number)
+    return str(int(number)) if number == number.to_integral_value() else str(number.normalize())
 
 
 def parses_as_json(text: str) -> bool:

@@ -46,10 +46,11 @@ def encode_record(tokenizer, record: dict, kind: str, max_length: int) -> list[E
     """One record -> one or more rows. Long raw text is cut into rows; a long chat cannot be."""
     if kind == "pretrain":
         enc = encode_text(tokenizer, record["text"])
-        return [
-            Encoded(enc.input_ids[i : i + max_length], enc.labels[i : i + max_length])
-            for i in range(0, len(enc.input_ids), max_length)
-        ]
+        # Equal-size pieces, so a long document never leaves a stub of a few tokens at its end.
+        n = len(enc.input_ids)
+        pieces = -(-n // max_length)
+        bounds = [i * n // pieces for i in range(pieces + 1)]
+        return [Encoded(enc.input_ids[a:b], enc.labels[a:b]) for a, b in zip(bounds, bounds[1:])]
     enc = encode_chat(tokenizer, record["messages"])
     if len(enc.input_ids) > max_length:
         raise ValueError(f"conversation is {len(enc.input_ids)} tokens, over prepare.max_length={max_length}")

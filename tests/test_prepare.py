@@ -60,9 +60,16 @@ class TestEncodeRecord:
         whole = [t for row in rows for t in row.input_ids]
         assert len(rows) == -(-len(whole) // 32) and len(rows) > 1
         assert all(len(row.input_ids) <= 32 for row in rows)
-        assert all(len(row.input_ids) == 32 for row in rows[:-1])
+        sizes = [len(row.input_ids) for row in rows]
+        assert max(sizes) - min(sizes) <= 1  # equal pieces: no stub of a few tokens at the end
         assert all(row.labels == row.input_ids for row in rows)
         assert unit_tokenizer.decode(whole) == record["text"] + "<|endoftext|>"
+
+    def test_text_just_over_a_row_is_split_evenly(self, unit_tokenizer):
+        record = {"text": "The quick brown fox jumps over the lazy dog."}
+        n = len(encode_record(unit_tokenizer, record, "pretrain", max_length=10_000)[0].input_ids)
+        rows = encode_record(unit_tokenizer, record, "pretrain", max_length=n - 1)
+        assert [len(r.input_ids) for r in rows] == [n // 2, n - n // 2]
 
     def test_short_text_is_one_row(self, unit_tokenizer):
         rows = encode_record(unit_tokenizer, {"text": "What is 2+2?"}, "pretrain", max_length=MAX_LENGTH)
