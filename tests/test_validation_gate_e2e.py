@@ -1,0 +1,65 @@
+"""End to end: data that breaks a contract stops the DAG at `validate`, before any training,
+with a summary naming the dataset, the expectation and the counts; fixing the data resumes from
+the outputs already made."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.pipeline_workspace import PROJECT, make_workspace, small_params
+
+pytestmark = pytest.mark.slow
+
+
+def chat(question: str, answer: str) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+
+
+def user_syntax_file(duplicates: int) -> str:
+    lines = [chat(f"Extract JSON: play song number {i}.", json.dumps({"intent": "play", "slots": {"n": i}})) for i in range(40)]
+    lines += lines[:duplicates]  # a user file with repeated records, as exported data often has
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def failed_run(tmp_path_factory):
+    raw = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
+    raw["model"]["tiny"]["pretrain"]["max_steps"] = 5
+    raw["data"]["stages"]["syntax"]["source"] = "data/sources/syntax.jsonl"
+    ws = make_workspace(tmp_path_factory.mktemp("gate"), raw)
+    (ws.root / "data/sources/syntax.jsonl").write_text(user_syntax_file(duplicates=6))
+    return ws, ws.flow(check=False)
+
+
+def test_flow_stops_at_validate_with_a_readable_summary(failed_run):
+    ws, out = failed_run
+    assert out.returncode == 1
+    assert "stage validate failed" in out.stderr
+    assert "Data validation failed" in out.stderr
+    assert "syntax/train: expect_column_values_to_be_unique(content_hash)" in out.stderr
+    assert "records share their content_hash with another (duplicates)" in out.stderr
+    assert "params.yaml" in out.stderr  # says what to do
+    assert "Traceback" not in out.stderr.split("stage validate failed")[-1]
+
+
+def test_nothing_was_trained_and_earlier_outputs_are_kept(failed_run):
+    ws, _ = failed_run
+    assert not any((ws.root / "models" / s).exists() for s in ["embedding", "syntax", "thinking", "instructions"])
+    assert (ws.root / "models/base/model.safetensors").exists()
+    report = json.loads((ws.root / "reports/validation/syntax.json").read_text())
+    failed = [e for e in report["expectations"] if not e["success"]]
+    assert {e["name"] for e in failed} == {"expect_column_values_to_be_unique(content_hash)"}
+    assert sum(e["unexpected_count"] for e in failed) == 2 * 6  # both rows of each duplicated pair
+    lock = yaml.safe_load((ws.root / "dvc.lock").read_text())
+    assert {"generate", "base", "prepare"} <= set(lock["stages"]) and "validate" not in lock["stages"]
+
+
+def test_fixed_data_resumes_without_rebuilding_the_base(failed_run):
+    ws, _ = failed_run
+    (ws.root / "data/sources/syntax.jsonl").write_text(user_syntax_file(duplicates=0))
+    out = ws.dvc("repro", "validate")
+    ran = [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["generate", "prepare", "validate"]
