@@ -1,0 +1,109 @@
+"""Training stages on the tiny Qwen3-MoE: real LoRA steps on CPU, in-process, tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tasks import train as train_step
+from tasks.base import resolve_base
+from tasks.core import paths
+from tasks.core.config import parse_params
+from tasks.core.modeling import BaseInfo, load_base_model
+from tasks.generate import generate_all
+from tasks.prepare import prepare_all
+from tests.pipeline_workspace import PROJECT, small_params
+
+
+def tiny_params(quantization: str = "none"):
+    raw = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
+    for stage in raw["data"]["stages"].values():
+        stage["n_records"] = 60
+    raw["model"]["tiny"]["pretrain"]["max_steps"] = 5
+    for name, stage in raw["train"]["stages"].items():
+        stage.update(max_steps=6, batch_size=4)
+    raw["train"]["quantization"] = quantization
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """generate -> base -> prepare in a temp project root; yields that root."""
+    root = tmp_path_factory.mktemp("train")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        params = tiny_params()
+        generate_all(params)
+        resolve_base(params)
+        prepare_all(params)
+        yield root
+
+
+@pytest.fixture
+def in_project(prepared, monkeypatch):
+    monkeypatch.chdir(prepared)
+    return prepared
+
+
+def lora_tensors(stage: str) -> dict:
+    return load_file(paths.adapter_dir(stage) / "adapter_model.safetensors")
+
+
+def test_first_stage_trains_a_new_adapter_on_attention_and_experts(in_project):
+    result = train_step.train_stage("embedding", tiny_params())
+    assert result.summary.steps == 6
+    assert result.eval_loss == pytest.approx(result.eval_loss) and result.eval_loss > 0
+    tensors = lora_tensors("embedding")
+    assert any("q_proj.lora_A" in k for k in tensors)
+    assert any("experts" in k for k in tensors), "LoRA must reach the fused MoE experts"
+    assert not any("mlp.gate." in k for k in tensors), "the router is not adapted by default"
+    info = json.loads((paths.adapter_dir("embedding") / "stage.json").read_text())
+    assert info == {"stage": "embedding", "init_from": "base", "policy": "continue", "quantization": "none", "kind": "pretrain"}
+    history = [json.loads(line) for line in paths.train_history("embedding").read_text().splitlines()]
+    assert history[0]["step"] == 1 and all(row["tokens_per_second"] > 0 for row in history)
+    metrics = json.loads(paths.train_metrics("embedding").read_text())
+    assert metrics["steps"] == 6 and metrics["trainable_parameters"] == result.trainable_parameters
+
+
+def test_next_stage_continues_the_previous_adapter(in_project):
+    params = tiny_params()
+    train_step.train_stage("embedding", params)
+    before = lora_tensors("embedding")
+    model = train_step.attach_adapter(load_base_model(BaseInfo.load()), "syntax", params)
+    # The syntax stage starts exactly where the embedding stage ended, with trainable weights.
+    state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    key = next(k for k in before if "q_proj.lora_B" in k)
+    match = next(v for k, v in state.items() if k.replace(".default", "") == key)
+    assert match.equal(before[key])
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    train_step.train_stage("syntax", params)
+    after = lora_tensors("syntax")
+    assert set(after) == set(before) and not after[key].equal(before[key])
+
+
+def test_stage_without_its_previous_adapter_fails_clearly(in_project):
+    params = tiny_params()
+    shutil.rmtree(paths.adapter_dir("syntax"), ignore_errors=True)
+    with pytest.raises(FileNotFoundError, match=r"models/syntax holds no adapter: run train@syntax first"):
+        train_step.train_stage("thinking", params)
+
+
+def test_unknown_stage_is_a_config_error(in_project):
+    from tasks.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no stage 'poetry'"):
+        train_step.train_stage("poetry", tiny_params())
+
+
+def test_nf4_quantizes_the_base_and_trains(in_project):
+    import bitsandbytes as bnb
+
+    model = load_base_model(BaseInfo.load(), "nf4")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    result = train_step.train_stage("embedding", tiny_params("nf4"))
+    assert result.summary.steps == 6 and result.summary.last_loss == result.summary.last_loss  # not NaN
+    assert json.loads((paths.adapter_dir("embedding") / "stage.json").read_text())["quantization"] == "nf4"
