@@ -54,6 +54,9 @@ def _stage_env() -> dict[str, str]:
     """The stage commands call `python`: make it this interpreter, virtual environment or not."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Progress bars redraw with carriage returns, which a log turns into walls of text; the
+    # trainer logs a line every few steps instead.
+    env.setdefault("TQDM_DISABLE", "1")
     return env
 
 
