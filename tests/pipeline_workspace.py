@@ -89,6 +89,8 @@ def make_workspace(root: Path, params: dict[str, Any]) -> Workspace:
     ws = Workspace(root, env)
     ws.write_params(params)
     ws.run("git", "init", "-q")
+    # The tools' own state lives in the workspace but is no part of the project under test.
+    (root / ".git/info/exclude").write_text("/.dvc-site/\n/.prefect-home/\n")
     ws.dvc("config", "--local", "core.site_cache_dir", str(root / ".dvc-site"))
     ws.commit("workspace")
     return ws
