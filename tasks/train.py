@@ -21,10 +21,12 @@ from prefect import task
 
 from tasks.core import paths
 from tasks.core.config import ConfigError, LoraConfig, Params, load_params
+from tasks.core.preflight import PreflightError
 from tasks.core.trainer import Schedule, TrainingSummary, run_trainer, write_json
 
 log = logging.getLogger(__name__)
 STAGE_INFO_FILE = "stage.json"
+PREFLIGHT_FILE = "preflight.json"
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,33 @@ class StageResult:
     summary: TrainingSummary
 
 
-def peft_lora_config(cfg: LoraConfig):
+def expand_target_parameters(model, names: list[str]) -> list[str]:
+    """Short names (`mlp.experts.gate_up_proj`) -> every full parameter name they mean.
+
+    peft matches a parameter that is already parametrized (as NF4 experts are) only by its full
+    module path, so the suffixes users write in params.yaml are resolved against the model here.
+    """
+    full = []
+    for module_name, module in model.named_modules():
+        for name in names:
+            owner, _, param = name.rpartition(".")
+            if (module_name == owner or module_name.endswith(f".{owner}")) and getattr(module, param, None) is not None:
+                full.append(f"{module_name}.{param}")
+    return full
+
+
+def peft_lora_config(cfg: LoraConfig, model=None):
     from peft import LoraConfig as PeftLoraConfig
 
+    targets = list(cfg.target_parameters)
+    if model is not None and targets:
+        targets = expand_target_parameters(model, targets)
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
-        target_parameters=list(cfg.target_parameters) or None,
+        target_parameters=targets or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -58,7 +78,7 @@ def attach_adapter(model, stage: str, params: Params):
     if params.train.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if spec.init_from == "base":
-        return get_peft_model(model, peft_lora_config(params.train.lora_for(stage)))
+        return get_peft_model(model, peft_lora_config(params.train.lora_for(stage), model))
     previous = paths.adapter_dir(spec.init_from)
     if not (previous / "adapter_config.json").exists():
         raise FileNotFoundError(f"{previous} holds no adapter: run train@{spec.init_from} first")
@@ -103,6 +123,7 @@ def train_stage(stage: str, params: Params) -> StageResult:
     info = BaseInfo.load()
     tokenizer = load_tokenizer(info)
     model = attach_adapter(load_base_model(info, params.train.quantization), stage, params)
+    preflight_stage(model, stage, params)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     schedule = Schedule(
         max_steps=spec.max_steps,
@@ -120,6 +141,25 @@ def train_stage(stage: str, params: Params) -> StageResult:
     result = StageResult(stage, spec.init_from, trainable, eval_loss, summary)
     save_stage(model, result, params)
     return result
+
+
+def preflight_stage(model, stage: str, params: Params) -> None:
+    """Report precision, trainable parts and memory before the first step; fail on problems."""
+    from tasks.core.preflight import check, run_preflight
+
+    lora = params.train.lora_for(stage)
+    limit = params.train.memory_limit_gb
+    report = run_preflight(
+        model,
+        params.train.quantization,
+        expects_experts=any("experts" in t for t in lora.target_parameters),
+        batch_size=params.train.stages[stage].batch_size,
+        seq_len=params.prepare.max_length,
+        memory_limit_bytes=int(limit * 2**30) if limit else None,
+    )
+    write_json(paths.adapter_dir(stage) / PREFLIGHT_FILE, report.to_dict())
+    log.info("%s", report.summary())
+    check(report)
 
 
 def save_stage(model, result: StageResult, params: Params) -> None:
@@ -157,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = train_stage(args.stage, load_params(args.params))
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, PreflightError) as exc:
+        print(f"train@{args.stage}: {exc}", file=sys.stderr)
         return 2
     s = result.summary
     print(

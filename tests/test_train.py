@@ -19,7 +19,7 @@ from tasks.prepare import prepare_all
 from tests.pipeline_workspace import PROJECT, small_params
 
 
-def tiny_params(quantization: str = "none"):
+def tiny_params(quantization: str = "none", expert_lora: bool = True):
     raw = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
     for stage in raw["data"]["stages"].values():
         stage["n_records"] = 60
@@ -27,6 +27,8 @@ def tiny_params(quantization: str = "none"):
     for name, stage in raw["train"]["stages"].items():
         stage.update(max_steps=6, batch_size=4)
     raw["train"]["quantization"] = quantization
+    if not expert_lora:
+        raw["train"]["lora"]["target_parameters"] = []
     return parse_params(raw)
 
 
@@ -99,11 +101,26 @@ def test_unknown_stage_is_a_config_error(in_project):
         train_step.train_stage("poetry", tiny_params())
 
 
-def test_nf4_quantizes_the_base_and_trains(in_project):
+def test_nf4_quantizes_attention_and_experts_and_trains(in_project):
     import bitsandbytes as bnb
 
     model = load_base_model(BaseInfo.load(), "nf4")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    result = train_step.train_stage("embedding", tiny_params("nf4"))
+    assert any("parametrizations.gate_up_proj.original" in n for n, _ in model.named_parameters())
+    result = train_step.train_stage("embedding", tiny_params("nf4", expert_lora=False))
     assert result.summary.steps == 6 and result.summary.last_loss == result.summary.last_loss  # not NaN
     assert json.loads((paths.adapter_dir("embedding") / "stage.json").read_text())["quantization"] == "nf4"
+    preflight = json.loads((paths.adapter_dir("embedding") / "preflight.json").read_text())
+    assert preflight["four_bit_by_part"]["experts"] == preflight["parameters_by_part"]["experts"]
+
+
+def test_preflight_stops_a_stage_before_its_first_step(in_project):
+    from tasks.core.preflight import PreflightError
+
+    history = paths.train_history("embedding")
+    before = history.read_text() if history.exists() else None
+    with pytest.raises(PreflightError, match="LoRA on 4-bit fused experts is not supported yet"):
+        train_step.train_stage("embedding", tiny_params("nf4", expert_lora=True))
+    report = json.loads((paths.adapter_dir("embedding") / "preflight.json").read_text())
+    assert len(report["problems"]) == 1
+    assert (history.read_text() if history.exists() else None) == before  # no step was taken

@@ -154,6 +154,8 @@ class StageSpec(Strict):
 class TrainConfig(Strict):
     quantization: Literal["none", "nf4"] = "none"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    # Memory the preflight check compares its estimate with; None: the device's free memory.
+    memory_limit_gb: PositiveFloat | None = None
     # Stage plan, in curriculum order; each stage's `init_from` is `base` or an earlier stage.
     stages: dict[str, StageSpec]
 

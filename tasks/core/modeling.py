@@ -166,7 +166,11 @@ def load_base_model(info: BaseInfo, quantization: str = "none") -> PreTrainedMod
         )
         kwargs["device_map"] = "auto" if on_gpu else "cpu"
     model = AutoModelForCausalLM.from_pretrained(info.name_or_path, **kwargs)
-    if not on_gpu and quantization != "nf4":
+    if quantization == "nf4":
+        from tasks.core.quantize import quantize_fused_experts
+
+        quantize_fused_experts(model)  # load_in_4bit reaches nn.Linear only, not fused experts
+    elif not on_gpu:
         model.to("cpu")
     return model
 

@@ -1,0 +1,161 @@
+"""Preflight: what is about to be trained, in what precision, and whether it fits — checked before
+the first step, so a silent full-precision expert or a LoRA that misses the experts fails loudly
+instead of costing GPU hours.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+PARTS = ("attention", "experts", "router", "embeddings", "other")
+# Activation bytes per token per layer per hidden unit, without activation checkpointing
+# (Korthikanti et al., 2022: ~34 values of 16-bit activations per token and hidden unit).
+_ACTIVATION_FACTOR = 34
+
+
+class PreflightError(RuntimeError):
+    """Training would run wrongly or not fit; the message says what and how to fix it."""
+
+
+@dataclass
+class PreflightReport:
+    quantization: str
+    parameters_by_storage: dict[str, int] = field(default_factory=dict)  # "4bit" / "full"
+    parameters_by_part: dict[str, int] = field(default_factory=dict)
+    four_bit_by_part: dict[str, int] = field(default_factory=dict)
+    trainable_by_part: dict[str, int] = field(default_factory=dict)
+    adapter_bytes: int = 0
+    estimated_peak_bytes: int = 0
+    available_bytes: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        gib = 2**30
+        lines = [
+            f"preflight ({self.quantization}): "
+            + ", ".join(f"{k} {v:,}" for k, v in self.parameters_by_storage.items()) + " parameters",
+            "  by part: " + ", ".join(f"{p} {self.parameters_by_part.get(p, 0):,} ({self.four_bit_by_part.get(p, 0):,} in 4-bit)" for p in PARTS),
+            "  trainable: " + ", ".join(f"{p} {self.trainable_by_part.get(p, 0):,}" for p in PARTS),
+            f"  adapter {self.adapter_bytes / 2**20:.2f} MiB; estimated peak {self.estimated_peak_bytes / gib:.2f} GiB"
+            + (f" of {self.available_bytes / gib:.2f} GiB available" if self.available_bytes else ""),
+        ]
+        return "\n".join(lines + [f"  PROBLEM: {p}" for p in self.problems])
+
+
+def part_of(name: str) -> str:
+    """Which part of a decoder a parameter belongs to, by its (peft-wrapped or plain) name."""
+    if "experts" in name:
+        return "experts"
+    if "mlp.gate." in name or name.endswith("mlp.gate.weight") or ".router" in name:
+        return "router"
+    if "self_attn" in name:
+        return "attention"
+    if "embed_tokens" in name or "lm_head" in name:
+        return "embeddings"
+    return "other"
+
+
+def _numel(name: str, tensor) -> int:
+    """Logical parameter count: a 4-bit tensor packs two values a byte."""
+    return tensor.numel() * 2 if _is_four_bit(name, tensor) else tensor.numel()
+
+
+def _is_four_bit(name: str, tensor) -> bool:
+    import torch
+
+    return tensor.dtype == torch.uint8 and ("parametrizations" in name or tensor.__class__.__name__ == "Params4bit")
+
+
+def count_parameters(model: nn.Module, report: PreflightReport) -> None:
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:  # tied embeddings count once
+            continue
+        seen.add(id(param))
+        part, n = part_of(name), _numel(name, param)
+        is_lora = "lora_" in name
+        if not is_lora:
+            storage = "4bit" if _is_four_bit(name, param) else "full"
+            report.parameters_by_storage[storage] = report.parameters_by_storage.get(storage, 0) + n
+            report.parameters_by_part[part] = report.parameters_by_part.get(part, 0) + n
+            if storage == "4bit":
+                report.four_bit_by_part[part] = report.four_bit_by_part.get(part, 0) + n
+        if param.requires_grad:
+            report.trainable_by_part[part] = report.trainable_by_part.get(part, 0) + n
+            report.adapter_bytes += param.numel() * param.element_size()
+
+
+def estimate_peak_bytes(model: nn.Module, batch_size: int, seq_len: int) -> int:
+    """Weights as stored + trainable params with grads and Adam moments + activations + logits."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = trainable * (4 + 4 + 8)  # fp32 grad, two fp32 Adam moments, fp32 master copy
+    tokens = batch_size * seq_len
+    activations = config.num_hidden_layers * tokens * config.hidden_size * _ACTIVATION_FACTOR
+    logits = tokens * config.vocab_size * 4 * 2  # fp32 logits and their gradient
+    return int(weights + optimizer + activations + logits)
+
+
+def available_bytes() -> int | None:
+    """Free memory where training will run: the GPU's if there is one, else the machine's."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def run_preflight(model: nn.Module, quantization: str, expects_experts: bool, batch_size: int, seq_len: int,
+                  memory_limit_bytes: int | None = None) -> PreflightReport:
+    """Build the report and record every problem; `check` turns problems into an error."""
+    report = PreflightReport(quantization=quantization)
+    count_parameters(model, report)
+    report.estimated_peak_bytes = estimate_peak_bytes(model, batch_size, seq_len)
+    report.available_bytes = memory_limit_bytes or available_bytes()
+    has_experts = report.parameters_by_part.get("experts", 0) > 0
+    full_experts = report.parameters_by_part.get("experts", 0) - report.four_bit_by_part.get("experts", 0)
+    if quantization == "nf4" and has_experts and full_experts > 0:
+        report.problems.append(
+            f"quantization is nf4 but {full_experts:,} expert parameters are in full precision: the fused "
+            "experts were not quantized (load the model through tasks.core.modeling.load_base_model)"
+        )
+    if quantization == "nf4" and report.four_bit_by_part.get("experts") and report.trainable_by_part.get("experts"):
+        # peft stacks its LoRA parametrization on bitsandbytes' dequantizing one; with peft 0.21 and
+        # bitsandbytes 0.50 the second training step then fails deep inside peft. Say so up front.
+        report.problems.append(
+            "LoRA on 4-bit fused experts is not supported yet (peft's parameter LoRA and bitsandbytes' "
+            "4-bit parametrization conflict after the first step): with quantization nf4, set "
+            "train.lora.target_parameters: [] (experts frozen in 4-bit, LoRA on attention), or use "
+            "quantization: none to adapt the experts"
+        )
+    if expects_experts and has_experts and not report.trainable_by_part.get("experts"):
+        report.problems.append(
+            "the LoRA config targets experts (train.lora.target_parameters) but no expert parameter is "
+            "adapted: check the names against the model (e.g. mlp.experts.gate_up_proj, mlp.experts.down_proj)"
+        )
+    if report.available_bytes and report.estimated_peak_bytes > report.available_bytes:
+        gib = 2**30
+        report.problems.append(
+            f"estimated peak memory {report.estimated_peak_bytes / gib:.2f} GiB exceeds the "
+            f"{report.available_bytes / gib:.2f} GiB available: lower batch_size or prepare.max_length, "
+            "or use quantization: nf4"
+        )
+    return report
+
+
+def check(report: PreflightReport) -> None:
+    if report.problems:
+        raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in report.problems))
