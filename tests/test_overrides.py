@@ -11,8 +11,9 @@ from flows.overrides import apply_overrides, parse_assignment, set_dotted
 from tasks.core.config import ConfigError, load_params
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
-COMMENT = "    # Qwen3-MoE experts are fused 3-D parameters: only target_parameters reaches them."
-INLINE_COMMENT = "  quantization: none   # none (bf16/fp32 LoRA) or nf4 (QLoRA through bitsandbytes)"
+_LINES = PARAMS_FILE.read_text().splitlines()
+COMMENT = next(line for line in _LINES if line.lstrip().startswith("# Qwen3-MoE experts"))  # a whole-line comment
+INLINE_COMMENT = next(line for line in _LINES if line.startswith("  quantization:") and "#" in line)
 
 
 @pytest.fixture
