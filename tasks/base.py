@@ -9,7 +9,6 @@ build a tiny Qwen3-MoE from `model.tiny`, pretrain it fully on that corpus, and 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -18,7 +17,8 @@ from pathlib import Path
 from prefect import task
 
 from tasks.core import paths
-from tasks.core.config import ConfigError, Params, load_params
+from tasks.core.cli import run_stage_cli
+from tasks.core.config import Params, load_params
 from tasks.core.modeling import BaseInfo, build_tiny_model, resolve_external, train_tokenizer
 from tasks.core.records import read_jsonl
 from tasks.core.trainer import Schedule, run_trainer, write_json
@@ -111,18 +111,11 @@ def base_task(params: Params) -> BaseInfo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def run(args) -> list[str]:
         info = resolve_base(load_params(args.params))
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"base: {exc}", file=sys.stderr)
-        return 2
-    print(f"base: {info.kind} model at {info.name_or_path} ({info.num_parameters or '?'} parameters)")
-    return 0
+        return [f"base: {info.kind} model at {info.name_or_path} ({info.num_parameters or '?'} parameters)"]
 
+    return run_stage_cli("base", __doc__, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

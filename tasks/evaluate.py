@@ -9,7 +9,6 @@ match of the final answer on `thinking` data and the share of outputs that parse
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -20,7 +19,8 @@ from pathlib import Path
 from prefect import task
 
 from tasks.core import paths
-from tasks.core.config import ConfigError, EvaluateConfig, Params, load_params
+from tasks.core.cli import run_stage_cli
+from tasks.core.config import EvaluateConfig, Params, load_params
 from tasks.core.trainer import write_json
 
 _ANSWER = re.compile(r"answer is\s*:?\s*\$?((?<![\w-])-?[\d,]*\.?\d+)", re.IGNORECASE)
@@ -157,19 +157,15 @@ def evaluate_task(params: Params) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
+    def run(args) -> list[str]:
         results = evaluate_pipeline(load_params(args.params))
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
-    write_metrics(results)
-    for key in sorted(results["base"]):
-        print(f"evaluate: {key:32s} base {results['base'][key]:10.4f}  final {results['final'][key]:10.4f}")
-    return 0
+        write_metrics(results)
+        return [
+            f"evaluate: {key:32s} base {results['base'][key]:10.4f}  final {results['final'][key]:10.4f}"
+            for key in sorted(results["base"])
+        ]
 
+    return run_stage_cli("evaluate", __doc__, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

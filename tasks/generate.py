@@ -1,7 +1,7 @@
 """`generate` stage: write each curriculum stage's raw records to `data/raw/<stage>.jsonl`.
 
 A stage with a file under `data.stages.<stage>.source` takes its records from there (validated); the others get
-the embedded synthetic curriculum, sized by `data.generate.<stage>.n_records` and fixed by `seed`.
+the embedded synthetic curriculum, sized by `data.stages.<stage>.n_records` and fixed by `seed`.
 
     python -m tasks.generate [--params params.yaml]
 
@@ -15,7 +15,6 @@ visibly: a small closed world, very regular templates, records of roughly 30-120
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -28,6 +27,7 @@ from typing import Literal
 from prefect import task
 
 from tasks.core import paths
+from tasks.core.cli import run_stage_cli
 from tasks.core.config import ConfigError, Params, load_params
 from tasks.core.records import RecordError, content_hash, load_stage_records, write_jsonl
 
@@ -435,21 +435,15 @@ def generate_task(params: Params) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def run(args) -> list[str]:
         params = load_params(args.params)
         counts = generate_all(params)
-    except (ConfigError, RecordError) as exc:
-        print(f"generate: {exc}", file=sys.stderr)
-        return 2
-    for stage, n in counts.items():
-        origin = params.data.stages[stage].source or "generated"
-        print(f"generate: {stage}: {n} records ({origin}) -> {paths.raw_file(stage)}")
-    return 0
+        return [
+            f"generate: {stage}: {n} records ({params.data.stages[stage].source or 'generated'}) -> {paths.raw_file(stage)}"
+            for stage, n in counts.items()
+        ]
 
+    return run_stage_cli("generate", __doc__, run, argv, expected=(RecordError,))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,6 @@ depends only on a record's content, so adding records never moves old ones betwe
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from prefect import task
 
 from tasks.core import paths
 from tasks.core.chat import Encoded, encode_chat, encode_text
-from tasks.core.config import ConfigError, Params, load_params
+from tasks.core.cli import run_stage_cli
+from tasks.core.config import Params, load_params
 from tasks.core.records import content_hash, read_jsonl, write_jsonl
 
 COLUMNS = (
@@ -144,18 +144,13 @@ def prepare_task(params: Params) -> list[PreparedStage]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
-        results = prepare_all(load_params(args.params))
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"prepare: {exc}", file=sys.stderr)
-        return 2
-    for r in results:
-        print(f"prepare: {r.stage}: {r.n_train} train (+{r.n_replayed} replayed), {r.n_eval} eval, {r.n_rejected} rejected")
-    return 0
+    def run(args) -> list[str]:
+        return [
+            f"prepare: {r.stage}: {r.n_train} train (+{r.n_replayed} replayed), {r.n_eval} eval, {r.n_rejected} rejected"
+            for r in prepare_all(load_params(args.params))
+        ]
 
+    return run_stage_cli("prepare", __doc__, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

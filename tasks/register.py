@@ -11,7 +11,6 @@ DVC hashes of each stage's data.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -25,7 +24,8 @@ import yaml
 from prefect import task
 
 from tasks.core import paths
-from tasks.core.config import ConfigError, Params, load_params
+from tasks.core.cli import run_stage_cli
+from tasks.core.config import Params, load_params
 from tasks.core.trainer import write_json
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -179,19 +179,13 @@ def register_task(params: Params, params_file: str = "params.yaml") -> Registrat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
+    def run(args) -> list[str]:
         reg = register_pipeline(load_params(args.params), Path(args.params))
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"register: {exc}", file=sys.stderr)
-        return 2
-    write_json(paths.REGISTRATION_REPORT, asdict(reg))
-    gate = "passed" if reg.gate_passed else "failed: " + "; ".join(reg.gate_reasons)
-    print(f"register: {reg.model_name} version {reg.version} -> {', '.join(reg.aliases)} (gate {gate})")
-    return 0
+        write_json(paths.REGISTRATION_REPORT, asdict(reg))
+        gate = "passed" if reg.gate_passed else "failed: " + "; ".join(reg.gate_reasons)
+        return [f"register: {reg.model_name} version {reg.version} -> {', '.join(reg.aliases)} (gate {gate})"]
 
+    return run_stage_cli("register", __doc__, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,6 @@ metrics file and the per-step history that `register` logs to MLflow.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.core import paths
+from tasks.core.cli import run_stage_cli
 from tasks.core.config import ConfigError, LoraConfig, Params, load_params
 from tasks.core.preflight import PreflightError
 from tasks.core.trainer import Schedule, TrainingSummary, run_trainer, write_json
@@ -190,23 +190,18 @@ def train_task(stage: str, params: Params) -> StageResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def run(args) -> list[str]:
         result = train_stage(args.stage, load_params(args.params))
-    except (ConfigError, FileNotFoundError, PreflightError) as exc:
-        print(f"train@{args.stage}: {exc}", file=sys.stderr)
-        return 2
-    s = result.summary
-    print(
-        f"train@{result.stage}: loss {s.first_loss:.3f} -> {s.last_loss:.3f} in {s.steps} steps, "
-        f"eval loss {result.eval_loss:.3f}, {s.tokens_per_second:.0f} tokens/s"
-    )
-    return 0
+        s = result.summary
+        return [
+            f"train@{result.stage}: loss {s.first_loss:.3f} -> {s.last_loss:.3f} in {s.steps} steps, "
+            f"eval loss {result.eval_loss:.3f}, {s.tokens_per_second:.0f} tokens/s"
+        ]
 
+    return run_stage_cli(
+        "train", __doc__, run, argv, expected=(PreflightError,),
+        add_arguments=lambda parser: parser.add_argument("stage", help="a stage name from train.stages"),
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

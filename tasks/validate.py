@@ -10,7 +10,6 @@ step raises `DataValidationError` with one line per failure and exits 1 from the
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import json
@@ -23,7 +22,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.core import paths
-from tasks.core.config import ConfigError, Params, ValidateConfig, load_params
+from tasks.core.cli import run_stage_cli
+from tasks.core.config import Params, ValidateConfig, load_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -299,21 +299,14 @@ def validate_task(params: Params) -> list[DatasetReport]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
-    args = parser.parse_args(argv)
-    try:
-        reports = validate_all(load_params(args.params))
-    except (DataValidationError, ConfigError, FileNotFoundError) as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    for r in reports:
-        print(
+    def run(args) -> list[str]:
+        return [
             f"{r.dataset}: train {r.records['train']} records, eval {r.records['eval']} records, "
             f"{len(r.expectations)} expectations passed -> {paths.validation_report(r.dataset)}"
-        )
-    return 0
+            for r in validate_all(load_params(args.params))
+        ]
 
+    return run_stage_cli("validate", __doc__, run, argv, expected=(DataValidationError,), exit_code=1)
 
 if __name__ == "__main__":
     sys.exit(main())
