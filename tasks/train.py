@@ -9,12 +9,12 @@ metrics file and the per-step history that `register` logs to MLflow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefect import task
 
@@ -115,6 +115,8 @@ def mean_token_loss(model, rows: list[dict], pad_token_id: int, batch_size: int 
 
 
 def train_stage(stage: str, params: Params) -> StageResult:
+    from transformers import set_seed
+
     from tasks.core.modeling import BaseInfo, load_base_model, load_tokenizer
 
     if stage not in params.train.stages:
@@ -122,6 +124,7 @@ def train_stage(stage: str, params: Params) -> StageResult:
     spec = params.train.stages[stage]
     info = BaseInfo.load()
     tokenizer = load_tokenizer(info)
+    set_seed(params.seed)  # before the adapter exists: LoRA's initial weights come from this RNG
     model = attach_adapter(load_base_model(info, params.train.quantization), stage, params)
     preflight_stage(model, stage, params)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -133,14 +136,32 @@ def train_stage(stage: str, params: Params) -> StageResult:
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
         weight_decay=spec.weight_decay,
         seed=params.seed,
+        save_steps=params.train.checkpoint_every,
     )
     log.info("train@%s from %s: %d trainable parameters, %d steps", stage, spec.init_from, trainable, spec.max_steps)
-    with tempfile.TemporaryDirectory() as work:
-        summary = run_trainer(model, read_rows(stage, "train"), schedule, tokenizer.pad_token_id, Path(work))
+    workdir = paths.checkpoint_dir(stage, run_key(stage, params))
+    summary = run_trainer(model, read_rows(stage, "train"), schedule, tokenizer.pad_token_id, workdir)
+    shutil.rmtree(paths.CHECKPOINTS_DIR / stage, ignore_errors=True)  # done: nothing left to resume
     eval_loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id)
     result = StageResult(stage, spec.init_from, trainable, eval_loss, summary)
     save_stage(model, result, params)
     return result
+
+
+def run_key(stage: str, params: Params) -> str:
+    """Identifies the exact work of a stage run, so only a checkpoint of the same work resumes:
+    its settings, its training data and the adapter it starts from."""
+    spec = params.train.stages[stage]
+    digest = hashlib.sha256()
+    settings = {"stage": spec.model_dump(), "lora": params.train.lora_for(stage).model_dump(),
+                "quantization": params.train.quantization, "seed": params.seed}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    inputs = [paths.prepared_file(stage, "train")]
+    if spec.init_from != "base":
+        inputs.append(paths.adapter_dir(spec.init_from) / "adapter_model.safetensors")
+    for file in inputs:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def preflight_stage(model, stage: str, params: Params) -> None:

@@ -10,13 +10,10 @@ import yaml
 from safetensors.torch import load_file
 
 from tasks import train as train_step
-from tasks.base import resolve_base
 from tasks.core import paths
 from tasks.core.config import parse_params
 from tasks.core.modeling import BaseInfo, load_base_model
-from tasks.generate import generate_all
-from tasks.prepare import prepare_all
-from tests.pipeline_workspace import PROJECT, small_params
+from tests.pipeline_workspace import PROJECT, build_prepared_project, small_params
 
 
 def tiny_params(quantization: str = "none", expert_lora: bool = True):
@@ -38,10 +35,7 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        params = tiny_params()
-        generate_all(params)
-        resolve_base(params)
-        prepare_all(params)
+        build_prepared_project(root, tiny_params())
         yield root
 
 
@@ -124,3 +118,25 @@ def test_preflight_stops_a_stage_before_its_first_step(in_project):
     report = json.loads((paths.adapter_dir("embedding") / "preflight.json").read_text())
     assert len(report["problems"]) == 1
     assert (history.read_text() if history.exists() else None) == before  # no step was taken
+
+
+def test_checkpoints_resume_only_the_same_work(in_project):
+    params = tiny_params()
+    train_step.train_stage("embedding", params)  # syntax starts from this adapter
+    key = train_step.run_key("syntax", params)
+    assert train_step.run_key("syntax", tiny_params()) == key
+    raw = params.model_dump(by_alias=True)
+    raw["train"]["stages"]["syntax"]["learning_rate"] = 0.01
+    assert train_step.run_key("syntax", parse_params(raw)) != key  # other settings
+    raw = params.model_dump(by_alias=True)
+    raw["train"]["stages"]["embedding"]["max_steps"] = 3
+    train_step.train_stage("embedding", parse_params(raw))
+    assert train_step.run_key("syntax", params) != key  # another starting adapter
+
+
+def test_two_runs_of_a_stage_make_the_same_adapter(in_project):
+    train_step.train_stage("embedding", tiny_params())
+    first = lora_tensors("embedding")
+    train_step.train_stage("embedding", tiny_params())
+    second = lora_tensors("embedding")
+    assert all(first[k].equal(second[k]) for k in first)

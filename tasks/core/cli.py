@@ -31,7 +31,8 @@ def run_stage_cli(
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: importing prefect already configured logging, which would swallow our INFO lines
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         lines = list(run(args))
     except (ConfigError, FileNotFoundError, *expected) as exc:

@@ -156,6 +156,8 @@ class TrainConfig(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Memory the preflight check compares its estimate with; None: the device's free memory.
     memory_limit_gb: PositiveFloat | None = None
+    # Checkpoint every N optimizer steps, so a killed stage resumes instead of starting over.
+    checkpoint_every: PositiveInt | None = 50
     # Stage plan, in curriculum order; each stage's `init_from` is `base` or an earlier stage.
     stages: dict[str, StageSpec]
 

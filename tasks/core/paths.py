@@ -51,3 +51,11 @@ TRAIN_HISTORY_DIR = Path("logs/train")
 def train_history(stage: str) -> Path:
     """Per-step metrics of a training stage, one JSON object a line."""
     return TRAIN_HISTORY_DIR / f"{stage}.jsonl"
+
+
+CHECKPOINTS_DIR = Path("checkpoints")  # not a DVC output: DVC clears outputs before a stage runs
+
+
+def checkpoint_dir(stage: str, run_key: str) -> Path:
+    """Checkpoints of one stage for one exact set of inputs and settings."""
+    return CHECKPOINTS_DIR / stage / run_key

@@ -4,6 +4,7 @@ arguments from typed config, padding, and a per-step history (loss, learning rat
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from tasks.core.chat import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Schedule:
     gradient_accumulation_steps: int = 1
     weight_decay: float = 0.0
     seed: int = 0
+    save_steps: int | None = None  # checkpoint every N steps (None: no checkpoints)
 
 
 def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int = 5) -> TrainingArguments:
@@ -44,7 +48,11 @@ def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int 
         warmup_steps=schedule.warmup_ratio,  # a float below 1 is a ratio in transformers 5
         logging_steps=logging_steps,
         logging_first_step=True,
-        save_strategy="no",  # stage outputs are written by the step itself
+        # Checkpoints hold adapter, optimizer, scheduler, RNG states and the data position, so a
+        # killed stage resumes where it stopped; the stage's outputs are written by the step itself.
+        save_strategy="steps" if schedule.save_steps else "no",
+        save_steps=schedule.save_steps or 500,
+        save_total_limit=2,
         report_to="none",  # MLflow logging happens in `register`, from the files written here
         seed=schedule.seed,
         data_seed=schedule.seed,
@@ -106,8 +114,29 @@ def step_history_callback(history: list[dict[str, float]]):
     return StepHistory()
 
 
+def merged_history(log_history: list[dict], live: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Every logged step, including those before a resume (restored in the trainer state);
+    tokens/s is known only for steps this process ran."""
+    speed = {row["step"]: row["tokens_per_second"] for row in live}
+    rows = []
+    for entry in log_history:
+        if "loss" not in entry or "step" not in entry:
+            continue
+        row = {
+            "step": entry["step"],
+            "loss": float(entry["loss"]),
+            "learning_rate": float(entry.get("learning_rate", 0.0)),
+            "grad_norm": float(entry.get("grad_norm", 0.0)),
+        }
+        if entry["step"] in speed:
+            row["tokens_per_second"] = speed[entry["step"]]
+        rows.append(row)
+    return rows
+
+
 @dataclass
 class TrainingSummary:
+    resumed_from_step: int
     steps: int
     train_loss: float
     first_loss: float
@@ -123,9 +152,11 @@ class TrainingSummary:
 
 
 def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id: int, workdir: Path) -> TrainingSummary:
-    """Train `model` on rows of {input_ids, labels} with the transformers Trainer."""
+    """Train `model` on rows of {input_ids, labels} with the transformers Trainer, resuming from
+    the last checkpoint in `workdir` if an earlier run of the same work was interrupted."""
     from datasets import Dataset
     from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
 
     history: list[dict[str, float]] = []
     trainer = Trainer(
@@ -135,11 +166,16 @@ def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id:
         data_collator=PadCollator(pad_token_id),
         callbacks=[step_history_callback(history)],
     )
+    last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - started
     tokens = int(trainer.state.num_input_tokens_seen or 0)
+    history = merged_history(trainer.state.log_history, history)
     return TrainingSummary(
+        resumed_from_step=int(Path(last).name.rsplit("-", 1)[-1]) if last else 0,
         steps=int(result.global_step),
         train_loss=float(result.training_loss),
         first_loss=history[0]["loss"] if history else float("nan"),
