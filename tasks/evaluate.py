@@ -129,17 +129,18 @@ def evaluate_pipeline(params: Params) -> dict[str, dict[str, float]]:
     """Scores of the base and of the final stage's adapter, on every stage's eval split."""
     import torch
 
-    from tasks.core.modeling import BaseInfo, load_adapted_model, load_tokenizer
+    from tasks.core.chain import load_stage_model
+    from tasks.core.modeling import BaseInfo, load_base_model, load_tokenizer
 
     torch.manual_seed(params.seed)
     info = BaseInfo.load()
     tokenizer = load_tokenizer(info)
     final = params.train.final_stage
     results = {}
-    for label, adapter in (("base", None), ("final", paths.adapter_dir(final))):
-        model = load_adapted_model(info, adapter, params.train.quantization)
-        results[label] = score_model(model, tokenizer, params)
-        del model
+    quantization = params.train.quantization
+    for label, load in (("base", lambda: load_base_model(info, quantization)),
+                        ("final", lambda: load_stage_model(info, final, quantization))):
+        results[label] = score_model(load(), tokenizer, params)
     results["final_stage"] = final  # type: ignore[assignment]
     return results
 

@@ -158,7 +158,14 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
         client.get_registered_model(cfg.model_name)
     except Exception:  # noqa: BLE001 - MLflow raises RestException / MlflowException by store
         client.create_registered_model(cfg.model_name)
-    version_tags = lineage | {"final_stage": params.train.final_stage, "gate": "passed" if passed else "failed"}
+    from tasks.core.chain import chain_description
+
+    version_tags = lineage | {
+        "final_stage": params.train.final_stage,
+        "chain_policy": params.train.chain_policy,
+        "adapter_chain": chain_description(params.train.final_stage),
+        "gate": "passed" if passed else "failed",
+    }
     version_tags |= {f"adapter_run.{s}": r for s, r in stage_runs.items()}
     version = client.create_model_version(
         cfg.model_name, source=f"runs:/{final_run}/adapter", run_id=final_run, tags=version_tags

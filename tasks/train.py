@@ -1,7 +1,8 @@
 """`train@<stage>`: one LoRA (or QLoRA) stage of the curriculum.
 
 The stage starts from `init_from`: a fresh adapter on the base, or the previous stage's adapter,
-which it keeps training (the `continue` policy). It writes the adapter (safetensors), a summary
+which it keeps training (`train.chain_policy: continue`) or merges into the base before training a
+new adapter (`merge`). It writes the adapter (safetensors), a summary
 metrics file and the per-step history that `register` logs to MLflow.
 
     python -m tasks.train <stage> [--params params.yaml]
@@ -19,13 +20,13 @@ from dataclasses import dataclass
 from prefect import task
 
 from tasks.core import paths
+from tasks.core.chain import STAGE_INFO_FILE
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import ConfigError, LoraConfig, Params, load_params
 from tasks.core.preflight import PreflightError
 from tasks.core.trainer import Schedule, TrainingSummary, run_trainer, write_json
 
 log = logging.getLogger(__name__)
-STAGE_INFO_FILE = "stage.json"
 PREFLIGHT_FILE = "preflight.json"
 
 
@@ -36,6 +37,7 @@ class StageResult:
     trainable_parameters: int
     eval_loss: float
     summary: TrainingSummary
+    merged_chain: list[str]  # adapters merged into the base before this one was trained
 
 
 def expand_target_parameters(model, names: list[str]) -> list[str]:
@@ -71,13 +73,14 @@ def peft_lora_config(cfg: LoraConfig, model=None):
 
 
 def attach_adapter(model, stage: str, params: Params):
-    """A new adapter on the base, or the previous stage's adapter loaded for more training."""
+    """A new adapter (on the base, or under `merge` on the base with earlier adapters merged in),
+    or under `continue` the previous stage's adapter loaded for more training."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     spec = params.train.stages[stage]
     if params.train.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if spec.init_from == "base":
+    if spec.init_from == "base" or params.train.chain_policy == "merge":
         return get_peft_model(model, peft_lora_config(params.train.lora_for(stage), model))
     previous = paths.adapter_dir(spec.init_from)
     if not (previous / "adapter_config.json").exists():
@@ -117,15 +120,17 @@ def mean_token_loss(model, rows: list[dict], pad_token_id: int, batch_size: int 
 def train_stage(stage: str, params: Params) -> StageResult:
     from transformers import set_seed
 
-    from tasks.core.modeling import BaseInfo, load_base_model, load_tokenizer
+    from tasks.core.chain import base_with_chain, merged_chain_for
+    from tasks.core.modeling import BaseInfo, load_tokenizer
 
     if stage not in params.train.stages:
         raise ConfigError(f"train: no stage {stage!r} in train.stages ({', '.join(params.stage_names)})")
     spec = params.train.stages[stage]
     info = BaseInfo.load()
     tokenizer = load_tokenizer(info)
+    chain = merged_chain_for(spec.init_from, params.train.chain_policy)
     set_seed(params.seed)  # before the adapter exists: LoRA's initial weights come from this RNG
-    model = attach_adapter(load_base_model(info, params.train.quantization), stage, params)
+    model = attach_adapter(base_with_chain(info, chain, params.train.quantization), stage, params)
     preflight_stage(model, stage, params)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     schedule = Schedule(
@@ -143,7 +148,7 @@ def train_stage(stage: str, params: Params) -> StageResult:
     summary = run_trainer(model, read_rows(stage, "train"), schedule, tokenizer.pad_token_id, workdir)
     shutil.rmtree(paths.CHECKPOINTS_DIR / stage, ignore_errors=True)  # done: nothing left to resume
     eval_loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id)
-    result = StageResult(stage, spec.init_from, trainable, eval_loss, summary)
+    result = StageResult(stage, spec.init_from, trainable, eval_loss, summary, chain)
     save_stage(model, result, params)
     return result
 
@@ -154,7 +159,7 @@ def run_key(stage: str, params: Params) -> str:
     spec = params.train.stages[stage]
     digest = hashlib.sha256()
     settings = {"stage": spec.model_dump(), "lora": params.train.lora_for(stage).model_dump(),
-                "quantization": params.train.quantization, "seed": params.seed}
+                "quantization": params.train.quantization, "policy": params.train.chain_policy, "seed": params.seed}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     inputs = [paths.prepared_file(stage, "train")]
     if spec.init_from != "base":
@@ -189,7 +194,8 @@ def save_stage(model, result: StageResult, params: Params) -> None:
     info = {
         "stage": result.stage,
         "init_from": result.init_from,
-        "policy": "continue",
+        "policy": params.train.chain_policy,
+        "merged_chain": result.merged_chain,
         "quantization": params.train.quantization,
         "kind": params.data.stages[result.stage].kind,
     }

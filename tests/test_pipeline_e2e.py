@@ -95,6 +95,8 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
     for stage in STAGES:
         dep = next(d for d in lock["stages"][f"train@{stage}"]["deps"] if d["path"] == f"data/prepared/{stage}")
         assert version.tags[f"data_md5.{stage}"] == dep["md5"]
+    assert version.tags["adapter_chain"] == "base + instructions"  # continue: one adapter carries all
+    assert version.tags["chain_policy"] == "continue"
     assert version.run_id == next(r.info.run_id for r in children if r.info.run_name == "instructions")
     registration = json.loads((workspace.root / "reports" / "registration.json").read_text())
     assert registration["version"] == str(version.version)

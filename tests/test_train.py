@@ -16,7 +16,7 @@ from tasks.core.modeling import BaseInfo, load_base_model
 from tests.pipeline_workspace import PROJECT, build_prepared_project, small_params
 
 
-def tiny_params(quantization: str = "none", expert_lora: bool = True):
+def tiny_params(quantization: str = "none", expert_lora: bool = True, policy: str = "continue"):
     raw = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
     for stage in raw["data"]["stages"].values():
         stage["n_records"] = 60
@@ -24,6 +24,7 @@ def tiny_params(quantization: str = "none", expert_lora: bool = True):
     for name, stage in raw["train"]["stages"].items():
         stage.update(max_steps=6, batch_size=4)
     raw["train"]["quantization"] = quantization
+    raw["train"]["chain_policy"] = policy
     if not expert_lora:
         raw["train"]["lora"]["target_parameters"] = []
     return parse_params(raw)
@@ -58,7 +59,8 @@ def test_first_stage_trains_a_new_adapter_on_attention_and_experts(in_project):
     assert any("experts" in k for k in tensors), "LoRA must reach the fused MoE experts"
     assert not any("mlp.gate." in k for k in tensors), "the router is not adapted by default"
     info = json.loads((paths.adapter_dir("embedding") / "stage.json").read_text())
-    assert info == {"stage": "embedding", "init_from": "base", "policy": "continue", "quantization": "none", "kind": "pretrain"}
+    assert info == {"stage": "embedding", "init_from": "base", "policy": "continue", "merged_chain": [],
+                    "quantization": "none", "kind": "pretrain"}
     history = [json.loads(line) for line in paths.train_history("embedding").read_text().splitlines()]
     assert history[0]["step"] == 1 and all(row["tokens_per_second"] > 0 for row in history)
     metrics = json.loads(paths.train_metrics("embedding").read_text())
@@ -84,7 +86,7 @@ def test_next_stage_continues_the_previous_adapter(in_project):
 def test_stage_without_its_previous_adapter_fails_clearly(in_project):
     params = tiny_params()
     shutil.rmtree(paths.adapter_dir("syntax"), ignore_errors=True)
-    with pytest.raises(FileNotFoundError, match=r"models/syntax holds no adapter: run train@syntax first"):
+    with pytest.raises(FileNotFoundError, match=r"models/syntax.* run train@syntax first"):
         train_step.train_stage("thinking", params)
 
 
@@ -140,3 +142,37 @@ def test_two_runs_of_a_stage_make_the_same_adapter(in_project):
     train_step.train_stage("embedding", tiny_params())
     second = lora_tensors("embedding")
     assert all(first[k].equal(second[k]) for k in first)
+
+
+def test_merge_policy_trains_a_new_adapter_on_the_merged_chain(in_project):
+    import torch
+    from peft import PeftModel
+
+    from tasks.core.chain import base_with_chain, load_stage_model
+
+    params = tiny_params(policy="merge")
+    train_step.train_stage("embedding", params)
+    train_step.train_stage("syntax", params)
+    train_step.train_stage("thinking", params)
+    info = json.loads((paths.adapter_dir("thinking") / "stage.json").read_text())
+    assert info["policy"] == "merge" and info["merged_chain"] == ["embedding", "syntax"]
+
+    # The merged base equals the base with the adapters applied one after the other.
+    ids = torch.tensor([[3, 17, 42, 99, 5, 8]])
+    merged = base_with_chain(BaseInfo.load(), ["embedding"])(input_ids=ids).logits
+    stacked = PeftModel.from_pretrained(load_base_model(BaseInfo.load()), str(paths.adapter_dir("embedding")))(input_ids=ids).logits
+    assert torch.allclose(merged, stacked, atol=1e-4)
+    # Evaluation rebuilds the same chain, and the last adapter changes the model.
+    final = load_stage_model(BaseInfo.load(), "thinking")(input_ids=ids).logits
+    under = base_with_chain(BaseInfo.load(), ["embedding", "syntax"])(input_ids=ids).logits
+    assert not torch.allclose(final, under, atol=1e-4)
+
+
+def test_merge_policy_never_merges_into_4bit_weights(in_project):
+    params = tiny_params(policy="merge")
+    train_step.train_stage("embedding", params)
+    from tasks.core.chain import base_with_chain
+
+    model = base_with_chain(BaseInfo.load(), ["embedding"], "nf4")  # merged in full precision, then quantized
+    assert any("parametrizations.gate_up_proj.original" in n for n, _ in model.named_parameters())
+    assert not any("lora_" in n for n, _ in model.named_parameters())

@@ -153,6 +153,9 @@ class StageSpec(Strict):
 
 class TrainConfig(Strict):
     quantization: Literal["none", "nf4"] = "none"
+    # continue: keep training the previous stage's adapter; merge: merge it into a full-precision
+    # copy of the base and train a new adapter on top (see tasks/core/chain.py).
+    chain_policy: Literal["continue", "merge"] = "continue"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Memory the preflight check compares its estimate with; None: the device's free memory.
     memory_limit_gb: PositiveFloat | None = None

@@ -173,13 +173,3 @@ def load_base_model(info: BaseInfo, quantization: str = "none") -> PreTrainedMod
     elif not on_gpu:
         model.to("cpu")
     return model
-
-
-def load_adapted_model(info: BaseInfo, adapter: Path | None, quantization: str = "none") -> PreTrainedModel:
-    """The base with a stage adapter on top (for evaluation), or the bare base when adapter is None."""
-    model = load_base_model(info, quantization)
-    if adapter is None:
-        return model
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)

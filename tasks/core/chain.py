@@ -1,0 +1,74 @@
+"""The adapter chain: how a stage's starting model is made from the base and earlier adapters.
+
+Two policies (`train.chain_policy`):
+- `continue`: a stage keeps training the previous stage's adapter; the last adapter alone
+  carries the whole curriculum.
+- `merge`: the previous stages' adapters are merged into a full-precision copy of the base (never
+  into 4-bit weights: quantization, if asked, happens after the merge) and the stage trains a new
+  adapter on top. Each adapter records the chain it was trained on, in `stage.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from typing import TYPE_CHECKING
+
+from tasks.core import paths
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from tasks.core.modeling import BaseInfo
+
+STAGE_INFO_FILE = "stage.json"
+
+
+def stage_info(stage: str) -> dict:
+    file = paths.adapter_dir(stage) / STAGE_INFO_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: run train@{stage} first")
+    return json.loads(file.read_text())
+
+
+def merged_chain_for(init_from: str, policy: str) -> list[str]:
+    """Adapters merged into the base before a stage that starts from `init_from` trains."""
+    if init_from == "base" or policy == "continue":
+        return [] if init_from == "base" else stage_info(init_from).get("merged_chain", [])
+    return stage_info(init_from).get("merged_chain", []) + [init_from]
+
+
+def base_with_chain(info: BaseInfo, chain: list[str], quantization: str = "none") -> PreTrainedModel:
+    """The base with `chain`'s adapters merged in full precision, then quantized if asked."""
+    from peft import PeftModel
+
+    from tasks.core.modeling import BaseInfo as Info
+    from tasks.core.modeling import load_base_model
+
+    if not chain:
+        return load_base_model(info, quantization)
+    model = load_base_model(info, "none")
+    for stage in chain:
+        model = PeftModel.from_pretrained(model, str(paths.adapter_dir(stage))).merge_and_unload()
+    if quantization == "none":
+        return model
+    with tempfile.TemporaryDirectory() as tmp:  # reload through the quantizing loader
+        model.save_pretrained(tmp, safe_serialization=True)
+        merged = Info(kind=info.kind, name_or_path=tmp, trust_remote_code=info.trust_remote_code)
+        return load_base_model(merged, quantization)
+
+
+def load_stage_model(info: BaseInfo, stage: str, quantization: str = "none") -> PreTrainedModel:
+    """A finished stage's model for evaluation: its chain merged into the base, its adapter on top."""
+    from peft import PeftModel
+
+    chain = stage_info(stage).get("merged_chain", [])
+    model = base_with_chain(info, chain, quantization)
+    return PeftModel.from_pretrained(model, str(paths.adapter_dir(stage)), is_trainable=False)
+
+
+def chain_description(stage: str) -> str:
+    """`base + embedding (merged) + syntax`: what a stage's model is made of, for people."""
+    chain = stage_info(stage).get("merged_chain", [])
+    return " + ".join(["base", *(f"{s} (merged)" for s in chain), stage])
+
