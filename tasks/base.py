@@ -19,9 +19,14 @@ from prefect import task
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, load_params
-from tasks.core.modeling import BaseInfo, build_tiny_model, resolve_external, train_tokenizer
-from tasks.core.records import read_jsonl
-from tasks.core.trainer import Schedule, run_trainer, write_json
+from tasks.core.modeling import (
+    BaseInfo,
+    build_tiny_model,
+    resolve_external,
+    train_tokenizer,
+)
+from tasks.core.records import read_jsonl, write_json
+from tasks.core.trainer import Schedule, run_trainer
 
 log = logging.getLogger(__name__)
 

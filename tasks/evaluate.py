@@ -21,7 +21,7 @@ from prefect import task
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import EvaluateConfig, Params, load_params
-from tasks.core.trainer import write_json
+from tasks.core.records import write_json
 
 _ANSWER = re.compile(r"answer is\s*:?\s*\$?((?<![\w-])-?[\d,]*\.?\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"(?:(?<![\w-])-)?\d[\d,]*\.?\d*")

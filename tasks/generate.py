@@ -29,7 +29,12 @@ from prefect import task
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import ConfigError, Params, load_params
-from tasks.core.records import RecordError, content_hash, load_stage_records, write_jsonl
+from tasks.core.records import (
+    RecordError,
+    content_hash,
+    load_stage_records,
+    write_jsonl,
+)
 
 log = logging.getLogger(__name__)
 

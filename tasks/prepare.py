@@ -22,11 +22,6 @@ from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, load_params
 from tasks.core.records import content_hash, read_jsonl, write_jsonl
 
-COLUMNS = (
-    "input_ids", "labels", "n_tokens", "n_trainable", "trainable_share", "content_hash", "split",
-    "record_json", "source_stage",
-)
-
 
 @dataclass(frozen=True)
 class PreparedStage:
@@ -99,24 +94,29 @@ def replay_rows(stage: str, own: list[dict], earlier: list[list[dict]], share: f
     return rng.sample(pool, min(wanted, len(pool)))
 
 
-def write_split(rows: list[dict], path: Path) -> None:
+def prepared_schema():
+    """The Parquet schema of a prepared split: the contract `validate` and `train` read."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schema = pa.schema([
+    return pa.schema([
         ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),  # -100 where the token is not trained on
         ("n_tokens", pa.int64()),
         ("n_trainable", pa.int64()),
         ("trainable_share", pa.float64()),
         ("content_hash", pa.string()),
         ("split", pa.string()),
         ("record_json", pa.string()),
-        ("source_stage", pa.string()),
+        ("source_stage", pa.string()),  # the stage the row came from (differs for replayed rows)
     ])
+
+
+def write_split(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=prepared_schema()), path, compression="zstd")
 
 
 def prepare_all(params: Params) -> list[PreparedStage]:

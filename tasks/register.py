@@ -26,7 +26,7 @@ from prefect import task
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, load_params
-from tasks.core.trainer import write_json
+from tasks.core.records import write_json
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second")

@@ -24,7 +24,8 @@ from tasks.core.chain import STAGE_INFO_FILE
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import ConfigError, LoraConfig, Params, load_params
 from tasks.core.preflight import PreflightError
-from tasks.core.trainer import Schedule, TrainingSummary, run_trainer, write_json
+from tasks.core.records import write_json
+from tasks.core.trainer import Schedule, TrainingSummary, run_trainer
 
 log = logging.getLogger(__name__)
 PREFLIGHT_FILE = "preflight.json"

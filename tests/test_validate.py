@@ -16,20 +16,12 @@ import pytest
 import yaml
 
 from tasks import validate
+from tasks.prepare import prepared_schema
 from tasks.core import paths
 from tasks.core.config import load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
-SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("n_tokens", pa.int64()),
-    ("n_trainable", pa.int64()),
-    ("trainable_share", pa.float64()),
-    ("content_hash", pa.string()),
-    ("split", pa.string()),
-    ("record_json", pa.string()),
-])
+SCHEMA = prepared_schema()
 
 
 def make_split(split: str, n: int, offset: int = 0) -> pd.DataFrame:

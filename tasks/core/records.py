@@ -122,3 +122,11 @@ def canonical_json(record: Any) -> str:
 def content_hash(record: Any) -> str:
     """sha256 hex of the canonical JSON: equal content, equal hash, whatever the key order."""
     return hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """A report or metrics file: sorted keys and a fixed layout, so identical content hashes the
+    same for DVC."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -3,7 +3,6 @@ arguments from typed config, padding, and a per-step history (loss, learning rat
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -185,8 +184,3 @@ def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id:
         tokens_per_second=tokens / max(seconds, 1e-9),
         history=history,
     )
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
