@@ -1,0 +1,111 @@
+"""Tokens/s of a stagewise training stage vs a plain TRL `SFTTrainer` on the same data and model.
+
+Same tiny base, same LoRA config, same batch size, steps and seed; the same assistant-only loss
+(TRL gets prompt/completion pairs rendered with the model's chat template). Run after `make run`
+(it needs models/base and data/prepared):
+
+    .venv/bin/python bench/train_vs_trl.py [--stage syntax] [--steps 60] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def own_rows(stage: str) -> list[dict]:
+    """The stage's own training rows (no replay), so both trainers see the same records."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(f"data/prepared/{stage}/train.parquet", columns=["input_ids", "labels", "source_stage", "record_json"])
+    return [r for r in table.to_pylist() if r["source_stage"] == stage]
+
+
+def stagewise_tokens_per_second(stage: str, steps: int, params) -> float:
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from tasks.core.modeling import BaseInfo, load_base_model, load_tokenizer
+    from tasks.core.trainer import Schedule, run_trainer
+    from tasks.train import peft_lora_config
+
+    info = BaseInfo.load()
+    tokenizer = load_tokenizer(info)
+    set_seed(params.seed)
+    spec = params.train.stages[stage]
+    base = load_base_model(info)
+    model = get_peft_model(base, peft_lora_config(params.train.lora, base))
+    schedule = Schedule(max_steps=steps, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
+                        warmup_ratio=spec.warmup_ratio, seed=params.seed)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in own_rows(stage)]
+    with tempfile.TemporaryDirectory() as work:
+        summary = run_trainer(model, rows, schedule, tokenizer.pad_token_id, Path(work))
+    return summary.tokens_per_second
+
+
+def trl_tokens_per_second(stage: str, steps: int, params) -> float:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from tasks.core.chat import generation_prompt
+    from tasks.core.modeling import BaseInfo, load_base_model, load_tokenizer
+    from tasks.train import peft_lora_config
+
+    info = BaseInfo.load()
+    tokenizer = load_tokenizer(info)
+    pairs = []
+    for row in own_rows(stage):
+        messages = json.loads(row["record_json"]).get("messages")
+        if messages:
+            pairs.append({"prompt": generation_prompt(tokenizer, messages),
+                          "completion": messages[-1]["content"] + tokenizer.eos_token})
+    set_seed(params.seed)
+    model = load_base_model(info)
+    spec = params.train.stages[stage]
+    with tempfile.TemporaryDirectory() as work:
+        config = SFTConfig(
+            output_dir=work, max_steps=steps, per_device_train_batch_size=spec.batch_size,
+            learning_rate=spec.learning_rate, lr_scheduler_type="cosine", warmup_steps=spec.warmup_ratio,
+            logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, seed=params.seed,
+            completion_only_loss=True, max_length=params.prepare.max_length, disable_tqdm=True,
+            include_num_input_tokens_seen="non_padding",
+        )
+        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
+                             processing_class=tokenizer, peft_config=peft_lora_config(params.train.lora, model))
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        tokens = int(trainer.state.num_input_tokens_seen or 0)  # non-padding, as stagewise counts
+    return tokens / seconds
+
+
+def main() -> int:
+    from tasks.core.config import load_params
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", default="syntax")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    params = load_params()
+    ours, theirs = [], []
+    for _ in range(args.repeats):  # interleaved, so drift on the machine hits both alike
+        ours.append(stagewise_tokens_per_second(args.stage, args.steps, params))
+        theirs.append(trl_tokens_per_second(args.stage, args.steps, params))
+    best_ours, best_theirs = max(ours), max(theirs)
+    print(f"stage {args.stage}, {args.steps} steps x batch {params.train.stages[args.stage].batch_size}, {args.repeats} repeats")
+    print(f"stagewise: {', '.join(f'{x:.0f}' for x in ours)} tokens/s (best {best_ours:.0f})")
+    print(f"TRL SFTTrainer: {', '.join(f'{x:.0f}' for x in theirs)} tokens/s (best {best_theirs:.0f})")
+    print(f"ratio (best/best): {best_ours / best_theirs:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
