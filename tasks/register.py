@@ -99,10 +99,10 @@ def log_stage_run(client, experiment_id: str, parent_id: str, stage: str, params
     stage_params["quantization"] = params.train.quantization
     history = [json.loads(line) for line in paths.train_history(stage).read_text().splitlines() if line]
     metrics = [
-        Metric(key, float(row[key]), _now_ms(), int(row["step"]))
+        Metric(key, float(value), _now_ms(), int(row["step"]))
         for row in history
-        for key in STEP_METRICS
-        if key in row
+        for key, value in row.items()
+        if key in STEP_METRICS or key.startswith("router_entropy")
     ]
     summary = json.loads(paths.train_metrics(stage).read_text())
     metrics += [Metric(f"final_{k}", float(v), _now_ms(), 0) for k, v in summary.items() if isinstance(v, (int, float))]

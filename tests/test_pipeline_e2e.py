@@ -84,6 +84,7 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
     history = client.get_metric_history(thinking.info.run_id, "loss")
     assert len(history) >= 2 and history[-1].value < history[0].value
     assert "tokens_per_second" in thinking.data.metrics
+    assert 0.0 < thinking.data.metrics["router_entropy"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(thinking.info.run_id)}
     assert {"adapter", "validation", "metrics"} <= artifacts
 

@@ -63,6 +63,11 @@ def test_first_stage_trains_a_new_adapter_on_attention_and_experts(in_project):
                     "quantization": "none", "kind": "pretrain"}
     history = [json.loads(line) for line in paths.train_history("embedding").read_text().splitlines()]
     assert history[0]["step"] == 1 and all(row["tokens_per_second"] > 0 for row in history)
+    layers = tiny_params().model.tiny.num_hidden_layers
+    for row in history:  # MoE router load: normalised entropy per layer, 1.0 = perfectly balanced
+        per_layer = [row[f"router_entropy.layer{i}"] for i in range(layers)]
+        assert all(0.0 < e <= 1.0 for e in per_layer)
+        assert row["router_entropy"] == pytest.approx(sum(per_layer) / layers)
     metrics = json.loads(paths.train_metrics("embedding").read_text())
     assert metrics["steps"] == 6 and metrics["trainable_parameters"] == result.trainable_parameters
 

@@ -87,8 +87,56 @@ class PadCollator:
         }
 
 
-def step_history_callback(history: list[dict[str, float]]):
-    """A TrainerCallback that appends each logged step (with tokens/s) to `history`."""
+class RouterLoadMonitor:
+    """Counts which experts each MoE router picks, per layer, between two reads.
+
+    The entropy of a layer's expert load, normalised by log(num_experts), is 1.0 when every
+    expert gets the same share of tokens and falls towards 0 as routing collapses onto a few
+    experts: the first thing to watch when fine-tuning an MoE. (Padding tokens are routed too and
+    counted.)
+    """
+
+    def __init__(self, model) -> None:
+        self._counts: dict[int, Any] = {}
+        self._handles = []
+        routers = [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "top_k")]
+        for layer, router in enumerate(routers):
+            self._handles.append(router.register_forward_hook(self._hook(layer, router)))
+
+    def _hook(self, layer: int, router):
+        import torch
+
+        def record(_module, _inputs, output) -> None:
+            indices = output[2] if isinstance(output, tuple) and len(output) == 3 else None
+            if indices is None:
+                return
+            counts = torch.bincount(indices.reshape(-1).detach().cpu(), minlength=router.num_experts)
+            self._counts[layer] = self._counts.get(layer, 0) + counts
+
+        return record
+
+    def take(self) -> dict[str, float]:
+        """Per-layer and mean normalised load entropy since the last call; resets the counts."""
+        import math
+
+        out: dict[str, float] = {}
+        for layer, counts in sorted(self._counts.items()):
+            share = counts.double() / max(int(counts.sum()), 1)
+            entropy = float(-(share[share > 0] * share[share > 0].log()).sum())
+            out[f"router_entropy.layer{layer}"] = entropy / math.log(len(counts)) if len(counts) > 1 else 1.0
+        if out:
+            out["router_entropy"] = sum(out.values()) / len(out)
+        self._counts.clear()
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def step_history_callback(history: list[dict[str, float]], router: RouterLoadMonitor | None = None):
+    """A TrainerCallback that appends each logged step (with tokens/s and, for MoE models, the
+    router load entropy) to `history`."""
     from transformers import TrainerCallback
 
     class StepHistory(TrainerCallback):
@@ -107,6 +155,8 @@ def step_history_callback(history: list[dict[str, float]]):
                 "grad_norm": float(logs.get("grad_norm", 0.0)),
                 "tokens_per_second": (tokens - self._last[1]) / elapsed,
             }
+            if router is not None:
+                row |= router.take()
             history.append(row)
             self._last = (now, tokens)
 
@@ -115,8 +165,8 @@ def step_history_callback(history: list[dict[str, float]]):
 
 def merged_history(log_history: list[dict], live: list[dict[str, float]]) -> list[dict[str, float]]:
     """Every logged step, including those before a resume (restored in the trainer state);
-    tokens/s is known only for steps this process ran."""
-    speed = {row["step"]: row["tokens_per_second"] for row in live}
+    tokens/s and router entropy are known only for steps this process ran."""
+    measured = {row["step"]: {k: v for k, v in row.items() if k == "tokens_per_second" or k.startswith("router_")} for row in live}
     rows = []
     for entry in log_history:
         if "loss" not in entry or "step" not in entry:
@@ -127,8 +177,7 @@ def merged_history(log_history: list[dict], live: list[dict[str, float]]) -> lis
             "learning_rate": float(entry.get("learning_rate", 0.0)),
             "grad_norm": float(entry.get("grad_norm", 0.0)),
         }
-        if entry["step"] in speed:
-            row["tokens_per_second"] = speed[entry["step"]]
+        row |= measured.get(entry["step"], {})
         rows.append(row)
     return rows
 
@@ -158,18 +207,22 @@ def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id:
     from transformers.trainer_utils import get_last_checkpoint
 
     history: list[dict[str, float]] = []
+    router = RouterLoadMonitor(model)
     trainer = Trainer(
         model=model,
         args=training_arguments(schedule, workdir),
         train_dataset=Dataset.from_list(train_rows),
         data_collator=PadCollator(pad_token_id),
-        callbacks=[step_history_callback(history)],
+        callbacks=[step_history_callback(history, router)],
     )
     last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
     if last:
         log.info("resuming from %s", last)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    try:
+        result = trainer.train(resume_from_checkpoint=last)
+    finally:
+        router.close()
     seconds = time.perf_counter() - started
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     history = merged_history(trainer.state.log_history, history)

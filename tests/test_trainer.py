@@ -1,0 +1,60 @@
+"""The trainer wrapper's pure parts: the router load monitor and history merging after a resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tasks.core.trainer import RouterLoadMonitor, merged_history
+
+
+class FakeRouter(torch.nn.Module):
+    """Routes every token to the experts it is told to, like Qwen3MoeTopKRouter's output."""
+
+    def __init__(self, choices: list[list[int]], num_experts: int = 4) -> None:
+        super().__init__()
+        self.top_k, self.num_experts, self.choices = len(choices[0]), num_experts, torch.tensor(choices)
+
+    def forward(self, hidden):
+        return None, None, self.choices
+
+
+class FakeLayer(torch.nn.Module):
+    def __init__(self, router: FakeRouter) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Module()
+        self.mlp.gate = router
+
+
+def test_balanced_routing_is_one_and_collapsed_routing_is_zero():
+    model = torch.nn.ModuleList([FakeLayer(FakeRouter([[0, 1], [2, 3]])), FakeLayer(FakeRouter([[0, 0], [0, 0]]))])
+    monitor = RouterLoadMonitor(model)
+    for layer in model:
+        layer.mlp.gate(torch.zeros(2, 8))
+    out = monitor.take()
+    assert out["router_entropy.layer0"] == pytest.approx(1.0)
+    assert out["router_entropy.layer1"] == pytest.approx(0.0)
+    assert out["router_entropy"] == pytest.approx(0.5)
+    assert monitor.take() == {}  # counts reset after each read
+    monitor.close()
+    model[0].mlp.gate(torch.zeros(2, 8))
+    assert monitor.take() == {}  # hooks removed
+
+
+def test_half_the_experts_gives_half_the_normalised_entropy():
+    model = torch.nn.ModuleList([FakeLayer(FakeRouter([[0, 1]], num_experts=4))])
+    monitor = RouterLoadMonitor(model)
+    model[0].mlp.gate(torch.zeros(1, 8))
+    assert monitor.take()["router_entropy.layer0"] == pytest.approx(math.log(2) / math.log(4))
+
+
+def test_merged_history_keeps_steps_from_before_a_resume():
+    log_history = [{"step": 5, "loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.0},
+                   {"step": 10, "loss": 1.5, "learning_rate": 5e-4}, {"step": 10, "train_runtime": 3.0}]
+    live = [{"step": 10, "loss": 1.5, "tokens_per_second": 900.0, "router_entropy": 0.9}]
+    assert merged_history(log_history, live) == [
+        {"step": 5, "loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.0},
+        {"step": 10, "loss": 1.5, "learning_rate": 5e-4, "grad_norm": 0.0, "tokens_per_second": 900.0, "router_entropy": 0.9},
+    ]
