@@ -104,7 +104,8 @@ def generation_metrics(model, tokenizer, stages: list[str], cfg: EvaluateConfig)
         replies = generate_replies(model, tokenizer, prompts, cfg)
         references = [m[-1]["content"] for m in conversations]
         if stage == "thinking":
-            hits = [extract_answer(r) is not None and extract_answer(r) == extract_answer(ref) for r, ref in zip(replies, references)]
+            answers = [extract_answer(r) for r in replies]
+            hits = [a is not None and a == extract_answer(ref) for a, ref in zip(answers, references)]
             formed = ["<think>" in r and "</think>" in r.split("<think>", 1)[-1] for r in replies]
             metrics["thinking_think_well_formed"] = sum(formed) / len(formed)
         else:

@@ -31,11 +31,17 @@ def stage_info(stage: str) -> dict:
     return json.loads(file.read_text())
 
 
+def merged_chain_of(stage: str) -> list[str]:
+    """Adapters that were merged into the base before `stage`'s adapter was trained."""
+    return stage_info(stage).get("merged_chain", [])
+
+
 def merged_chain_for(init_from: str, policy: str) -> list[str]:
     """Adapters merged into the base before a stage that starts from `init_from` trains."""
-    if init_from == "base" or policy == "continue":
-        return [] if init_from == "base" else stage_info(init_from).get("merged_chain", [])
-    return stage_info(init_from).get("merged_chain", []) + [init_from]
+    if init_from == "base":
+        return []
+    chain = merged_chain_of(init_from)
+    return chain if policy == "continue" else chain + [init_from]
 
 
 def base_with_chain(info: BaseInfo, chain: list[str], quantization: str = "none") -> PreTrainedModel:
@@ -62,13 +68,11 @@ def load_stage_model(info: BaseInfo, stage: str, quantization: str = "none") -> 
     """A finished stage's model for evaluation: its chain merged into the base, its adapter on top."""
     from peft import PeftModel
 
-    chain = stage_info(stage).get("merged_chain", [])
-    model = base_with_chain(info, chain, quantization)
+    model = base_with_chain(info, merged_chain_of(stage), quantization)
     return PeftModel.from_pretrained(model, str(paths.adapter_dir(stage)), is_trainable=False)
 
 
 def chain_description(stage: str) -> str:
     """`base + embedding (merged) + syntax`: what a stage's model is made of, for people."""
-    chain = stage_info(stage).get("merged_chain", [])
-    return " + ".join(["base", *(f"{s} (merged)" for s in chain), stage])
+    return " + ".join(["base", *(f"{s} (merged)" for s in merged_chain_of(stage)), stage])
 
