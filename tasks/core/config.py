@@ -28,27 +28,61 @@ class Strict(BaseModel):
 # --- data -----------------------------------------------------------------------------------
 
 
+SourceFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "text", "hf_disk"]
+
+
+class SourceSpec(Strict):
+    """One input of a stage: where it is, how to read it, and how to map it to stage records."""
+
+    # A file, a glob (`data/sources/*.jsonl`), a folder written by `datasets.save_to_disk`, or an
+    # `s3://bucket/key` URI (glob allowed in the key; endpoint and credentials from the environment).
+    path: str
+    # auto: from the file extension (.jsonl/.json/.csv/.parquet/.txt), hf_disk for a folder.
+    format: SourceFormat = "auto"
+    # How an input item becomes stage records (see tasks/data/presets.py); None: `text` for a
+    # pretrain stage, `messages` for an sft stage.
+    preset: str | None = None
+    # Field-name overrides for the preset, e.g. {instruction: prompt, output: completion}.
+    fields: dict[str, str] = Field(default_factory=dict)
+    # Preset-specific settings, e.g. {drop_synthetic: true} for `oasst`.
+    options: dict[str, Any] = Field(default_factory=dict)
+    # Mixture weight of this source's training records: 0.5 keeps a seeded half, 2 repeats them twice.
+    weight: PositiveFloat = 1.0
+
+
+class StageChecks(Strict):
+    """Content contracts of a stage's own records, enforced by `validate` (see tasks/validate.py)."""
+
+    # Each final assistant reply opens with one balanced <think>...</think> block and an answer after it.
+    think_block: bool = False
+    # Each final assistant reply parses as JSON.
+    json_target: bool = False
+
+
 class DataStageSpec(Strict):
     """One stage's data: its shape, where it comes from, and how much earlier data it replays."""
 
     kind: Literal["pretrain", "sft"]  # raw text (`text`) or chat (`messages`)
-    n_records: PositiveInt | None = None  # synthetic records to generate
-    # A user JSONL file (under data/sources/ so DVC hashes it) replacing generation.
-    source: str | None = None
+    n_records: PositiveInt | None = None  # synthetic records to generate when there are no sources
+    sources: list[SourceSpec] = Field(default_factory=list)
     # Share of this stage's training rows drawn from earlier stages' training data, against
     # forgetting what they taught (sampled deterministically in `prepare`).
     replay_share: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    checks: StageChecks = Field(default_factory=StageChecks)
 
     @model_validator(mode="after")
     def _has_data(self) -> DataStageSpec:
-        if self.n_records is None and not self.source:
-            raise ValueError("set n_records (synthetic data) or source (your JSONL file)")
+        if self.n_records is None and not self.sources:
+            raise ValueError("set n_records (synthetic data) or sources (your files)")
         return self
 
 
 class DataConfig(Strict):
     # Per curriculum stage, in the same order as train.stages.
     stages: dict[str, DataStageSpec]
+    # A source whose share of rejected items exceeds this fails `ingest` (wrong preset or format?)
+    # after writing its rejects, instead of training on what little got through.
+    max_reject_share: Fraction = 0.5
 
 
 # --- model ----------------------------------------------------------------------------------
@@ -101,9 +135,47 @@ class ModelConfig(Strict):
 # --- prepare / validate ---------------------------------------------------------------------
 
 
+class CleanConfig(Strict):
+    """Text cleaning applied to every record before tokenization (see tasks/data/clean.py)."""
+
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    remove_control_chars: bool = True
+    # Replace e-mail addresses, phone numbers, IP addresses and API-key-like strings by placeholders.
+    scrub_pii: bool = False
+
+
+class DedupeConfig(Strict):
+    exact: bool = True  # drop records whose normalized text hashes equal an earlier one's
+    # MinHash LSH Jaccard threshold for near-duplicates; None turns near-dedupe off.
+    near_threshold: Annotated[float, Field(gt=0, le=1)] | None = 0.9
+    num_perm: PositiveInt = 64  # MinHash permutations: more is more exact and slower
+    shingle_words: PositiveInt = 5  # words per shingle
+
+
+class DecontaminateConfig(Strict):
+    enabled: bool = True
+    ngram: PositiveInt = 13  # words; a training record sharing one such n-gram with eval text is dropped
+    # Benchmark files (any source format, read with the `text` or `messages` preset) to keep out of training.
+    benchmark_files: list[str] = Field(default_factory=list)
+
+
+class PackingConfig(Strict):
+    enabled: bool = True
+    row_length: PositiveInt | None = None  # tokens per packed row; None: prepare.max_length
+
+
 class PrepareConfig(Strict):
     max_length: PositiveInt = 256
+    min_tokens: PositiveInt = 1
+    # Over max_length: pretrain text is `split` into equal rows (or `truncate`d or `drop`ped);
+    # a chat is `drop`ped to the rejects or `truncate`d (its tail, with the last reply, is lost).
+    pretrain_overflow: Literal["split", "truncate", "drop"] = "split"
+    chat_overflow: Literal["drop", "truncate"] = "drop"
     eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
+    packing: PackingConfig = Field(default_factory=PackingConfig)
 
 
 class ValidateConfig(Strict):
