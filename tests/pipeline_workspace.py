@@ -97,12 +97,12 @@ def make_workspace(root: Path, params: dict[str, Any]) -> Workspace:
 
 
 def build_prepared_project(root: Path, params) -> None:
-    """Run generate -> base -> prepare in-process in `root` (the cwd must be `root`)."""
+    """Run ingest -> base -> prepare in-process in `root` (the cwd must be `root`)."""
     from tasks.base import resolve_base
-    from tasks.generate import generate_all
+    from tasks.ingest import ingest_all
     from tasks.prepare import prepare_all
 
     assert Path.cwd() == root, "build_prepared_project runs in the project root it builds"
-    generate_all(params)
+    ingest_all(params)
     resolve_base(params)
     prepare_all(params)

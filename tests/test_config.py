@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import copy
 from pathlib import Path
 
@@ -34,7 +36,9 @@ class TestRepoParams:
         assert [s.kind for s in params.data.stages.values()] == ["pretrain", "sft", "sft", "sft"]
         assert [s.n_records for s in params.data.stages.values()] == [1200, 600, 600, 600]
         assert [s.replay_share for s in params.data.stages.values()] == [0.0, 0.3, 0.3, 0.3]
-        assert all(s.source is None for s in params.data.stages.values())
+        assert all(s.sources == [] for s in params.data.stages.values())
+        assert [s.checks.think_block for s in params.data.stages.values()] == [False, False, True, False]
+        assert [s.checks.json_target for s in params.data.stages.values()] == [False, True, False, False]
         assert [s.init_from for s in params.train.stages.values()] == ["base", "embedding", "syntax", "thinking"]
 
     def test_aliased_sections_and_values(self):
@@ -150,7 +154,7 @@ class TestParseParamsErrors:
             (_dropout_with_parameters, "train.lora", "dropout must be 0 when target_parameters is set"),
             (_stage_dropout_with_parameters, "train.stages.syntax.lora", "dropout must be 0"),
             (_min_over_max_tokens, "validate", "min_tokens must not exceed max_tokens"),
-            (_stage_without_data, "data.stages.thinking", "set n_records (synthetic data) or source (your JSONL file)"),
+            (_stage_without_data, "data.stages.thinking", "set n_records (synthetic data) or sources (your files)"),
             (_stage_without_data_entry, "(top level)", "no data.stages entry for ['thinking']"),
             (_data_for_unknown_stage, "(top level)", "data.stages has ['extra'], not in train.stages"),
             (_data_out_of_order, "(top level)", "order differs: data.stages ['syntax', 'embedding'"),
@@ -182,12 +186,37 @@ class TestParseParamsErrors:
         keys = [line.split(":")[0].strip() for line in str(err.value).splitlines()[1:]]
         assert keys == ["train.stages.syntax.max_steps", "train.stages.thinking.learning_rate"]
 
-    def test_source_replaces_n_records(self):
+    def test_sources_replace_n_records(self):
         def sourced(r):
-            r["data"]["stages"]["thinking"] = {"kind": "sft", "source": "data/sources/thinking.jsonl"}
+            r["data"]["stages"]["thinking"] = {"kind": "sft", "sources": [
+                {"path": "data/sources/gsm8k/*.jsonl", "preset": "gsm8k", "weight": 0.5},
+                {"path": "s3://bucket/more.parquet", "fields": {"question": "q"}},
+            ]}
 
         spec = parse_params(modified(sourced)).data.stages["thinking"]
-        assert (spec.source, spec.n_records, spec.replay_share) == ("data/sources/thinking.jsonl", None, 0.0)
+        assert (spec.n_records, spec.replay_share) == (None, 0.0)
+        first, second = spec.sources
+        assert (first.path, first.format, first.preset, first.weight) == ("data/sources/gsm8k/*.jsonl", "auto", "gsm8k", 0.5)
+        assert (second.preset, second.fields, second.weight) == (None, {"question": "q"}, 1.0)
+
+    @pytest.mark.parametrize("source, key", [
+        ({"path": "a.jsonl", "weight": 0}, "data.stages.thinking.sources.0.weight"),
+        ({"path": "a.jsonl", "format": "xml"}, "data.stages.thinking.sources.0.format"),
+        ({"file": "a.jsonl"}, "data.stages.thinking.sources.0.path"),
+    ])
+    def test_bad_source_names_its_key(self, source, key):
+        def sourced(r):
+            r["data"]["stages"]["thinking"] = {"kind": "sft", "sources": [source]}
+
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            parse_params(modified(sourced))
+
+    def test_stage_needs_sources_or_n_records(self):
+        def neither(r):
+            r["data"]["stages"]["thinking"] = {"kind": "sft"}
+
+        with pytest.raises(ConfigError, match=r"data.stages.thinking: set n_records .* or sources"):
+            parse_params(modified(neither))
 
     def test_empty_stage_plan(self):
         def empty(r):

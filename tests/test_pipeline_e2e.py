@@ -19,7 +19,7 @@ from tests.pipeline_workspace import PROJECT, Workspace, make_workspace, small_p
 pytestmark = pytest.mark.slow
 
 STAGES = ["embedding", "syntax", "thinking", "instructions"]
-ALL_DVC_STAGES = ["generate", "base", "prepare", "validate", *[f"train@{s}" for s in STAGES], "evaluate", "register"]
+ALL_DVC_STAGES = ["ingest", "base", "prepare", "validate", *[f"train@{s}" for s in STAGES], "evaluate", "register"]
 
 
 def ran_stages(dvc_output: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 import pytest
 
@@ -11,7 +10,6 @@ from tasks.core.records import (
     RecordError,
     check_record,
     content_hash,
-    load_stage_records,
     read_jsonl,
     write_jsonl,
 )
@@ -101,33 +99,6 @@ class TestCheckRecord:
         with pytest.raises(RecordError) as err:
             check_record(rec, "sft", "data/sources/s.jsonl line 3")
         assert str(err.value).startswith(f"data/sources/s.jsonl line 3, {message}")
-
-
-class TestLoadStageRecords:
-    def test_valid_file(self, tmp_path):
-        path = write_lines(tmp_path / "s.jsonl", [json.dumps(CHAT | {"id": 1}), "", json.dumps(CHAT)])
-        assert load_stage_records(path, "sft") == [CHAT, CHAT]
-
-    def test_error_names_file_line_and_field(self, tmp_path):
-        bad = {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}
-        path = write_lines(tmp_path / "s.jsonl", [json.dumps(CHAT), "", json.dumps(bad)])
-        with pytest.raises(RecordError) as err:
-            load_stage_records(path, "sft")
-        assert str(err.value) == (
-            f"{path} line 3, field messages[1].role: expected one of system/user/assistant, found 'bot'"
-        )
-
-    def test_kind_mismatch_names_field(self, tmp_path):
-        path = write_lines(tmp_path / "p.jsonl", [json.dumps(CHAT)])
-        with pytest.raises(RecordError, match=r"p.jsonl line 1, field text: missing: .*found keys \['messages'\]"):
-            load_stage_records(path, "pretrain")
-
-    def test_missing_and_empty_files(self, tmp_path):
-        with pytest.raises(RecordError, match="nope.jsonl: file not found"):
-            load_stage_records(tmp_path / "nope.jsonl", "sft")
-        (tmp_path / "empty.jsonl").write_text("\n\n")
-        with pytest.raises(RecordError, match="empty.jsonl: no records"):
-            load_stage_records(tmp_path / "empty.jsonl", "pretrain")
 
 
 class TestWriteJsonl:

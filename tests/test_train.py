@@ -32,7 +32,7 @@ def tiny_params(quantization: str = "none", expert_lora: bool = True, policy: st
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """generate -> base -> prepare in a temp project root; yields that root."""
+    """ingest -> base -> prepare in a temp project root; yields that root."""
     root = tmp_path_factory.mktemp("train")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

@@ -54,7 +54,7 @@ def test_nothing_was_trained_and_earlier_outputs_are_kept(failed_run):
     assert {e["name"] for e in failed} == {"expect_column_values_to_be_unique(content_hash)"}
     assert sum(e["unexpected_count"] for e in failed) == 2 * 6  # both rows of each duplicated pair
     lock = yaml.safe_load((ws.root / "dvc.lock").read_text())
-    assert {"generate", "base", "prepare"} <= set(lock["stages"]) and "validate" not in lock["stages"]
+    assert {"ingest", "base", "prepare"} <= set(lock["stages"]) and "validate" not in lock["stages"]
 
 
 def test_fixed_data_resumes_without_rebuilding_the_base(failed_run):
@@ -62,4 +62,4 @@ def test_fixed_data_resumes_without_rebuilding_the_base(failed_run):
     (ws.root / "data/sources/syntax.jsonl").write_text(user_syntax_file(duplicates=0))
     out = ws.dvc("repro", "validate")
     ran = [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["generate", "prepare", "validate"]
+    assert ran == ["ingest", "prepare", "validate"]

@@ -17,7 +17,14 @@ ROLES = ("system", "user", "assistant")
 
 
 class RecordError(ValueError):
-    """A JSONL file or one of its records is malformed; the message says where and why."""
+    """A JSONL file or one of its records is malformed; the message says where and why.
+
+    `reason` is a short stable key ("missing_field", "wrong_type", ...) that the data report counts.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid_record") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _numbered_objects(path: Path) -> Iterator[tuple[int, dict]]:
@@ -42,8 +49,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [obj for _, obj in _numbered_objects(Path(path))]
 
 
-def _fail(where: str, field: str, problem: str) -> RecordError:
-    return RecordError(f"{where}, field {field}: {problem}")
+def _fail(where: str, field: str, problem: str, reason: str) -> RecordError:
+    return RecordError(f"{where}, field {field}: {problem}", reason)
 
 
 def check_record(rec: dict, kind: Literal["pretrain", "sft"], where: str) -> dict:
@@ -51,11 +58,11 @@ def check_record(rec: dict, kind: Literal["pretrain", "sft"], where: str) -> dic
     if kind == "pretrain":
         text = rec.get("text")
         if text is None:
-            raise _fail(where, "text", f'missing: pretrain records are {{"text": "..."}}, found keys {sorted(rec)}')
+            raise _fail(where, "text", f'missing: pretrain records are {{"text": "..."}}, found keys {sorted(rec)}', "missing_field")
         if not isinstance(text, str):
-            raise _fail(where, "text", f"expected a string, found {type(text).__name__}")
+            raise _fail(where, "text", f"expected a string, found {type(text).__name__}", "wrong_type")
         if not text.strip():
-            raise _fail(where, "text", "empty: give the raw text to train on")
+            raise _fail(where, "text", "empty: give the raw text to train on", "empty_text")
         return {"text": text}
     if kind != "sft":
         raise ValueError(f"unknown record kind {kind!r}: expected pretrain or sft")
@@ -65,43 +72,34 @@ def check_record(rec: dict, kind: Literal["pretrain", "sft"], where: str) -> dic
         raise _fail(
             where, "messages",
             f'missing: sft records are {{"messages": [{{"role": ..., "content": ...}}, ...]}}, found keys {sorted(rec)}',
+            "missing_field",
         )
     if not isinstance(messages, list) or not messages:
-        raise _fail(where, "messages", "expected a non-empty list of {role, content} objects")
+        raise _fail(where, "messages", "expected a non-empty list of {role, content} objects", "wrong_type")
     clean = []
     for i, msg in enumerate(messages):
         field = f"messages[{i}]"
         if not isinstance(msg, dict):
-            raise _fail(where, field, f"expected an object with role and content, found {type(msg).__name__}")
+            raise _fail(where, field, f"expected an object with role and content, found {type(msg).__name__}", "wrong_type")
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
-            raise _fail(where, f"{field}.role", f"expected one of {'/'.join(ROLES)}, found {role!r}")
+            raise _fail(where, f"{field}.role", f"expected one of {'/'.join(ROLES)}, found {role!r}", "bad_role")
         if not isinstance(content, str):
             found = "nothing" if content is None else type(content).__name__
-            raise _fail(where, f"{field}.content", f"expected a string, found {found}")
+            raise _fail(where, f"{field}.content", f"expected a string, found {found}", "wrong_type")
         if role != "system" and not content.strip():
-            raise _fail(where, f"{field}.content", f"empty {role} message")
+            raise _fail(where, f"{field}.content", f"empty {role} message", "empty_text")
         clean.append({"role": role, "content": content})
     if not any(m["role"] == "user" for m in clean):
-        raise _fail(where, "messages", "no user message: a conversation needs at least one")
+        raise _fail(where, "messages", "no user message: a conversation needs at least one", "no_user_turn")
     last = len(clean) - 1
     if clean[last]["role"] != "assistant":
         raise _fail(
             where, f"messages[{last}].role",
             f"the last message must be the assistant reply to train on, found {clean[last]['role']!r}",
+            "no_assistant_turn",
         )
     return {"messages": clean}
-
-
-def load_stage_records(path: str | Path, kind: Literal["pretrain", "sft"]) -> list[dict]:
-    """Read and validate a user's stage file; records come back normalised (other keys dropped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecordError(f"{path}: file not found (paths in data.stages.<stage>.source are relative to the project root)")
-    records = [check_record(obj, kind, f"{path} line {lineno}") for lineno, obj in _numbered_objects(path)]
-    if not records:
-        raise RecordError(f"{path}: no records (expected one JSON object per line)")
-    return records
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:

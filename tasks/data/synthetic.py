@@ -1,11 +1,6 @@
-"""`generate` stage: write each curriculum stage's raw records to `data/raw/<stage>.jsonl`.
+"""The embedded synthetic curriculum: what `ingest` writes for a stage that has no `sources`.
 
-A stage with a file under `data.stages.<stage>.source` takes its records from there (validated); the others get
-the embedded synthetic curriculum, sized by `data.stages.<stage>.n_records` and fixed by `seed`.
-
-    python -m tasks.generate [--params params.yaml]
-
-The curriculum is built for a tiny model (BPE vocab 1024, ~100 LoRA steps on CPU) to learn
+Sized by `data.stages.<stage>.n_records` and fixed by `seed`. The curriculum is built for a tiny model (BPE vocab 1024, ~100 LoRA steps on CPU) to learn
 visibly: a small closed world, very regular templates, records of roughly 30-120 tokens.
   embedding     raw text about the world, with arithmetic, JSON and key: value lines
   syntax        "Extract JSON: <request>" -> {"intent": ..., "slots": {...}}
@@ -19,22 +14,11 @@ import json
 import logging
 import random
 import string
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
-from prefect import task
-
-from tasks.core import paths
-from tasks.core.cli import run_stage_cli
-from tasks.core.config import ConfigError, Params, load_params
-from tasks.core.records import (
-    RecordError,
-    content_hash,
-    load_stage_records,
-    write_jsonl,
-)
+from tasks.core.config import ConfigError
+from tasks.core.records import content_hash
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +367,7 @@ def generate_stage_records(stage: str, kind: Literal["pretrain", "sft"], n_recor
     if stage not in GENERATORS:
         raise ConfigError(
             f"no synthetic data for stage {stage!r} (built in: {', '.join(GENERATORS)}): "
-            f"set data.stages.{stage}.source to a JSONL file under data/sources/"
+            f"list your files under data.stages.{stage}.sources"
         )
     expected, make = GENERATORS[stage]
     if kind != expected:
@@ -401,54 +385,3 @@ def generate_stage_records(stage: str, kind: Literal["pretrain", "sft"], n_recor
     if len(records) < n_records:
         log.warning("%s: only %d unique records of the %d asked for", stage, len(records), n_records)
     return records
-
-
-def _warn_if_untracked(source: Path, stage: str) -> None:
-    try:
-        source.resolve().relative_to(paths.SOURCES_DIR.resolve())
-    except ValueError:
-        log.warning(
-            "data.stages.%s.source is %s, outside %s/: DVC does not track it, so editing it will not "
-            "re-run the pipeline; move it under %s/", stage, source, paths.SOURCES_DIR, paths.SOURCES_DIR,
-        )
-
-
-def stage_records(stage: str, params: Params) -> list[dict]:
-    """The user's file for this stage if one is set, otherwise the synthetic curriculum."""
-    spec = params.data.stages[stage]
-    kind, source = spec.kind, spec.source
-    if source:
-        _warn_if_untracked(Path(source), stage)
-        return load_stage_records(source, kind)
-    return generate_stage_records(stage, kind, spec.n_records or 0, params.seed)
-
-
-def generate_all(params: Params) -> dict[str, int]:
-    """Write data/raw/<stage>.jsonl for every stage in the plan; records written per stage."""
-    counts = {}
-    for stage in params.stage_names:
-        records = stage_records(stage, params)
-        write_jsonl(paths.raw_file(stage), records)
-        counts[stage] = len(records)
-    return counts
-
-
-@task(name="generate")
-def generate_task(params: Params) -> dict[str, int]:
-    """Write every stage's raw records."""
-    return generate_all(params)
-
-
-def main(argv: list[str] | None = None) -> int:
-    def run(args) -> list[str]:
-        params = load_params(args.params)
-        counts = generate_all(params)
-        return [
-            f"generate: {stage}: {n} records ({params.data.stages[stage].source or 'generated'}) -> {paths.raw_file(stage)}"
-            for stage, n in counts.items()
-        ]
-
-    return run_stage_cli("generate", __doc__, run, argv, expected=(RecordError,))
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,24 +1,18 @@
-"""`generate` stage: the synthetic curriculum is deterministic, unique, well-formed and right; a
-user source file replaces it for its stage; bad files stop the stage with a located message."""
+"""The synthetic curriculum (the embedded default data): deterministic, unique, well-formed and right."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tasks.core import paths
-from tasks.core.config import ConfigError, parse_params
-from tasks.core.records import check_record, content_hash, read_jsonl
-from tasks.generate import INTENTS, WORLD, generate_all, generate_stage_records, number_word
+from tasks.core.config import ConfigError
+from tasks.core.records import check_record, content_hash
+from tasks.data.synthetic import INTENTS, WORLD, generate_stage_records, number_word
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"embedding": "pretrain", "syntax": "sft", "thinking": "sft", "instructions": "sft"}
@@ -67,7 +61,7 @@ class TestCurriculum:
             assert 4 <= len(text.split()) <= 90, text
 
     def test_full_sizes_from_params_yaml(self, raw_params, caplog):
-        with caplog.at_level(logging.WARNING, logger="tasks.generate"):
+        with caplog.at_level(logging.WARNING, logger="tasks.data.synthetic"):
             for stage, spec in raw_params["data"]["stages"].items():
                 records = generate_stage_records(stage, KINDS[stage], spec["n_records"], raw_params["seed"])
                 assert len({content_hash(r) for r in records}) == spec["n_records"]
@@ -206,77 +200,3 @@ class TestInstructions:
             if len(rec["messages"]) == 4 and rec["messages"][2]["content"] == "Now in uppercase.":
                 assert rec["messages"][3]["content"] == reply.upper()
         assert checked > N // 2
-
-
-class TestGenerateAll:
-    def small(self, raw: dict, n: int = 12) -> dict:
-        raw = copy.deepcopy(raw)
-        for spec in raw["data"]["stages"].values():
-            spec["n_records"] = n
-        return raw
-
-    def test_writes_every_stage(self, raw_params, tmp_path, monkeypatch):
-        monkeypatch.chdir(tmp_path)
-        counts = generate_all(parse_params(self.small(raw_params)))
-        assert counts == {stage: 12 for stage in KINDS}
-        for stage in KINDS:
-            assert read_jsonl(paths.raw_file(stage)) == generate_stage_records(stage, KINDS[stage], 12, raw_params["seed"])
-
-    def test_user_source_replaces_generation(self, raw_params, tmp_path, monkeypatch, caplog):
-        monkeypatch.chdir(tmp_path)
-        source = Path("data/sources/my_syntax.jsonl")
-        source.parent.mkdir(parents=True)
-        chat = {"messages": [{"role": "user", "content": "Extract JSON: hi"},
-                             {"role": "assistant", "content": '{"intent": "greet", "slots": {}}'}], "note": "x"}
-        source.write_text(json.dumps(chat) + "\n" + json.dumps(chat) + "\n")
-        raw = self.small(raw_params)
-        raw["data"]["stages"]["syntax"]["source"] = str(source)
-        with caplog.at_level(logging.WARNING, logger="tasks.generate"):
-            counts = generate_all(parse_params(raw))
-        assert counts["syntax"] == 2 and counts["thinking"] == 12
-        expected = {"messages": chat["messages"]}
-        assert read_jsonl(paths.raw_file("syntax")) == [expected, expected]
-        assert not caplog.records  # under data/sources/: DVC tracks it, nothing to warn about
-
-    def test_source_outside_data_sources_warns(self, raw_params, tmp_path, monkeypatch, caplog):
-        monkeypatch.chdir(tmp_path)
-        Path("elsewhere.jsonl").write_text('{"text": "Mara lives in Oakridge."}\n')
-        raw = self.small(raw_params)
-        raw["data"]["stages"]["embedding"]["source"] = "elsewhere.jsonl"
-        with caplog.at_level(logging.WARNING, logger="tasks.generate"):
-            counts = generate_all(parse_params(raw))
-        assert counts["embedding"] == 1
-        assert "outside data/sources/" in caplog.text and "DVC does not track it" in caplog.text
-
-
-class TestMain:
-    def run_main(self, raw: dict, cwd: Path) -> subprocess.CompletedProcess:
-        (cwd / "p.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))  # stage order matters
-        env = os.environ | {"PYTHONPATH": str(ROOT)}
-        return subprocess.run([sys.executable, "-m", "tasks.generate", "--params", "p.yaml"],
-                              cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
-
-    def test_bad_source_exits_2_with_located_message(self, raw_params, tmp_path):
-        bad = tmp_path / "data" / "sources" / "syntax.jsonl"
-        bad.parent.mkdir(parents=True)
-        bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
-                       '{"messages": [oops]}\n')
-        raw = TestGenerateAll().small(raw_params)
-        raw["data"]["stages"]["syntax"]["source"] = "data/sources/syntax.jsonl"
-        result = self.run_main(raw, tmp_path)
-        assert result.returncode == 2
-        assert result.stderr.startswith("generate: data/sources/syntax.jsonl line 2: not valid JSON")
-        assert "Traceback" not in result.stderr
-
-    def test_success_prints_one_line_per_stage(self, raw_params, tmp_path):
-        result = self.run_main(TestGenerateAll().small(raw_params, 5), tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.splitlines() == [
-            f"generate: {stage}: 5 records (generated) -> data/raw/{stage}.jsonl" for stage in KINDS]
-
-    def test_bad_params_exits_2(self, raw_params, tmp_path):
-        raw = TestGenerateAll().small(raw_params)
-        raw["data"]["stages"]["syntax"]["n_records"] = 0
-        result = self.run_main(raw, tmp_path)
-        assert result.returncode == 2
-        assert "data.stages.syntax.n_records" in result.stderr and "Traceback" not in result.stderr
