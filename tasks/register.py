@@ -1,10 +1,10 @@
 """`register` stage: log the pipeline run to MLflow and register the final adapter.
 
-One parent run per pipeline run (all params, base vs final scores), one child run per curriculum
-stage (its params, step metrics, adapter, validation report). The final adapter becomes a new
-version of `register.model_name` with alias `challenger`; it also takes `champion` when its final
-scores pass `register.thresholds`. Versions carry lineage tags: git commit, dirty flag, and the
-DVC hashes of each stage's data.
+One parent run per pipeline run (all params, base vs final scores, the validation reports and
+their Data Docs site), one child run per curriculum stage (its params, step metrics, adapter,
+validation report). The final adapter becomes a new version of `register.model_name` with alias
+`challenger`; it also takes `champion` when its final scores pass `register.thresholds`. Versions
+carry lineage tags: git commit, dirty flag, and the DVC hashes of each stage's data.
 
     python -m tasks.register [--params params.yaml]
 """
@@ -114,6 +114,15 @@ def log_stage_run(client, experiment_id: str, parent_id: str, stage: str, params
     return run_id
 
 
+def log_validation(client, run_id: str) -> None:
+    """The data gate of this pipeline run: every stage's JSON report under `validation/`, and the
+    Great Expectations Data Docs site (HTML) under `validation/data_docs` when validate built one."""
+    for report in sorted(paths.VALIDATION_DIR.glob("*.json")):
+        client.log_artifact(run_id, str(report), "validation")
+    if paths.VALIDATION_DOCS_DIR.is_dir():
+        client.log_artifacts(run_id, str(paths.VALIDATION_DOCS_DIR), "validation/data_docs")
+
+
 def _now_ms() -> int:
     import time
 
@@ -149,7 +158,7 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     client.log_batch(parent_id, metrics=score_metrics, params=[Param(k, v) for k, v in flatten(raw).items()])
     client.log_artifact(parent_id, str(params_file), "config")
     client.log_artifact(parent_id, str(paths.EVALUATE_METRICS), "metrics")
-    client.log_artifacts(parent_id, str(paths.VALIDATION_DIR), "validation")
+    log_validation(client, parent_id)
     stage_runs = {s: log_stage_run(client, experiment.experiment_id, parent_id, s, params) for s in params.stage_names}
 
     passed, reasons = check_gates(scores["final"], cfg.thresholds)

@@ -1,11 +1,13 @@
-"""The register step's pure parts: promotion gates, params flattening, lineage from dvc.lock."""
+"""The register step's pure parts: promotion gates, params flattening, lineage from dvc.lock, and
+which validation files go to which artifact path."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from tasks.register import check_gates, data_lineage, flatten
+from tasks.core import paths
+from tasks.register import check_gates, data_lineage, flatten, log_validation
 
 
 @pytest.mark.parametrize(
@@ -47,3 +49,41 @@ def test_data_lineage_reads_prepared_data_hashes_from_dvc_lock(tmp_path):
         "data_md5.thinking": "ccc.dir",
     }
     assert data_lineage(["syntax"], tmp_path / "missing.lock") == {}
+
+
+def mlflow_run(tmp_path, monkeypatch):
+    """A real MLflow client on a throwaway SQLite store, and a run to log to."""
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    return client, client.create_run(experiment).info.run_id
+
+
+def artifact_files(client, run_id: str, path: str | None = None) -> list[str]:
+    files = []
+    for item in client.list_artifacts(run_id, path):
+        files += artifact_files(client, run_id, item.path) if item.is_dir else [item.path]
+    return sorted(files)
+
+
+def write_validation(with_docs: bool) -> None:
+    paths.VALIDATION_DIR.mkdir(parents=True)
+    for stage in ["embedding", "syntax"]:
+        paths.validation_report(stage).write_text("{}\n")
+    if with_docs:
+        (paths.VALIDATION_DOCS_DIR / "validations").mkdir(parents=True)
+        paths.VALIDATION_DOCS_INDEX.write_text("<html>syntax.train</html>")
+        (paths.VALIDATION_DOCS_DIR / "validations" / "page.html").write_text("<html></html>")
+
+
+@pytest.mark.parametrize("with_docs", [True, False], ids=["with_docs", "reports_only"])
+def test_validation_reports_and_data_docs_go_to_separate_artifact_paths(tmp_path, monkeypatch, with_docs):
+    monkeypatch.chdir(tmp_path)
+    write_validation(with_docs)
+    client, run_id = mlflow_run(tmp_path, monkeypatch)
+    log_validation(client, run_id)
+    docs = ["validation/data_docs/index.html", "validation/data_docs/validations/page.html"] if with_docs else []
+    # the HTML sits apart from the JSON reports, not mixed in under validation/docs
+    assert artifact_files(client, run_id) == sorted(["validation/embedding.json", "validation/syntax.json", *docs])

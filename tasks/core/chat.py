@@ -49,26 +49,64 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
     return text, spans
 
 
+# Texts per tokenizer call: big enough for the Rust tokenizer to use every core, small enough to
+# keep offsets for one batch in memory.
+ENCODE_BATCH = 2048
+
+
+def _labels_inside(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Token ids where a token starts inside an assistant span, IGNORE_INDEX elsewhere (vectorised)."""
+    import numpy as np
+
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+    inside = np.zeros(len(ids_arr), dtype=bool)
+    for s, e in spans:
+        inside |= (starts >= s) & (starts < e)
+    return np.where(inside, ids_arr, IGNORE_INDEX).tolist()
+
+
+def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]]) -> list[Encoded]:
+    """Token ids of each conversation; labels only on assistant replies and their end marker.
+
+    Rendering is per conversation, tokenization is batched: that is where the time goes.
+    """
+    rendered = [assistant_spans(tokenizer, messages) for messages in conversations]
+    out: list[Encoded] = []
+    for lo in range(0, len(rendered), ENCODE_BATCH):
+        chunk = rendered[lo : lo + ENCODE_BATCH]
+        enc = tokenizer([text for text, _ in chunk], add_special_tokens=False, return_offsets_mapping=True)
+        for (_, spans), ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+            out.append(Encoded(list(ids), _labels_inside(ids, offsets, spans)))
+    return out
+
+
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> Encoded:
-    """Token ids of the whole conversation; labels only on assistant replies and their end marker."""
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = []
-    for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
-        inside = any(s <= start < e for s, e in spans)
-        labels.append(token_id if inside else IGNORE_INDEX)
-    return Encoded(list(enc["input_ids"]), labels)
+    return encode_chats(tokenizer, [messages])[0]
+
+
+def end_of_text_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id that closes a raw-text document: `<|endoftext|>` when the vocabulary has it, else eos."""
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None):
+        return end
+    return tokenizer.eos_token_id
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[Encoded]:
+    """Raw text for continued pretraining: every token, and the end-of-text marker, is trained on."""
+    end = end_of_text_id(tokenizer)
+    tail = [] if end is None else [end]
+    out: list[Encoded] = []
+    for lo in range(0, len(texts), ENCODE_BATCH):
+        for ids in tokenizer(texts[lo : lo + ENCODE_BATCH], add_special_tokens=False)["input_ids"]:
+            ids = list(ids) + tail
+            out.append(Encoded(ids, list(ids)))
+    return out
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> Encoded:
-    """Raw text for continued pretraining: every token, and the end-of-text marker, is trained on."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None):
-        ids = ids + [end]
-    elif tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    return Encoded(list(ids), list(ids))
+    return encode_texts(tokenizer, [text])[0]
 
 
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:

@@ -74,6 +74,8 @@ class DataStageSpec(Strict):
     def _has_data(self) -> DataStageSpec:
         if self.n_records is None and not self.sources:
             raise ValueError("set n_records (synthetic data) or sources (your files)")
+        if self.kind == "pretrain" and (self.checks.think_block or self.checks.json_target):
+            raise ValueError("checks.think_block and checks.json_target apply to assistant replies: sft stages only")
         return self
 
 

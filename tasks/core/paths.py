@@ -41,6 +41,11 @@ def validation_report(stage: str) -> Path:
     return VALIDATION_DIR / f"{stage}.json"
 
 
+# Great Expectations Data Docs (HTML) of the last validate run: every stage's results, one site.
+VALIDATION_DOCS_DIR = VALIDATION_DIR / "docs"
+VALIDATION_DOCS_INDEX = VALIDATION_DOCS_DIR / "index.html"
+
+
 def train_metrics(stage: str) -> Path:
     return TRAIN_METRICS_DIR / f"{stage}.json"
 
@@ -59,3 +64,24 @@ CHECKPOINTS_DIR = Path("checkpoints")  # not a DVC output: DVC clears outputs be
 def checkpoint_dir(stage: str, run_key: str) -> Path:
     """Checkpoints of one stage for one exact set of inputs and settings."""
     return CHECKPOINTS_DIR / stage / run_key
+
+
+def raw_rejects(stage: str) -> Path:
+    """Items of a stage's sources that `ingest` dropped or repaired, with the reason."""
+    return RAW_DIR / f"{stage}.rejects.jsonl"
+
+
+def raw_report(stage: str) -> Path:
+    return RAW_DIR / f"{stage}.report.json"
+
+
+def prepared_rejects(stage: str) -> Path:
+    """Everything dropped or changed on the way to training: ingest's rejects plus prepare's."""
+    return PREPARED_DIR / stage / "rejects.jsonl"
+
+
+def packed_file(stage: str) -> Path:
+    return PREPARED_DIR / stage / "train_packed.parquet"
+
+
+DATA_REPORT = Path("metrics/data.json")  # per stage: counts per reason, tokens, packing efficiency
