@@ -50,6 +50,7 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
 
     rt = YAML()  # round-trip: keeps comments and key order
     rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a line the user wrote on one line
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(params_file.read_text())
     for key, value in overrides.items():

@@ -1,8 +1,8 @@
 """`evaluate` stage: score the base model and the final adapter with the same code.
 
 Per stage eval split: loss and perplexity over trainable tokens. By generation (greedy): exact
-match of the final answer on `thinking` data and the share of outputs that parse as JSON on
-`syntax` data (stages found by name, whatever the plan calls them otherwise is skipped).
+match of the final answer and well-formed `<think>` blocks on stages whose data contract has
+`checks.think_block`, and the share of outputs that parse as JSON where it has `checks.json_target`.
 
     python -m tasks.evaluate [--params params.yaml]
 """
@@ -90,27 +90,30 @@ def eval_records(stage: str, limit: int) -> list[list[dict]]:
     return [r["messages"] for r in records if "messages" in r][:limit]
 
 
-def generation_metrics(model, tokenizer, stages: list[str], cfg: EvaluateConfig) -> dict[str, float]:
+def generation_metrics(model, tokenizer, params: Params) -> dict[str, float]:
+    """Scores that need generated replies, for the stages whose data contract asks for them:
+    `<stage>_exact_match` and `<stage>_think_well_formed` where `checks.think_block`,
+    `<stage>_json_valid` where `checks.json_target`."""
     from tasks.core.chat import generation_prompt
 
     metrics: dict[str, float] = {}
-    for stage, metric in (("thinking", "thinking_exact_match"), ("syntax", "syntax_json_valid")):
-        if stage not in stages:
+    for stage, spec in params.data.stages.items():
+        if not (spec.checks.think_block or spec.checks.json_target):
             continue
-        conversations = eval_records(stage, cfg.max_generate)
+        conversations = eval_records(stage, params.evaluate.max_generate)
         if not conversations:
             continue
         prompts = [generation_prompt(tokenizer, m) for m in conversations]
-        replies = generate_replies(model, tokenizer, prompts, cfg)
+        replies = generate_replies(model, tokenizer, prompts, params.evaluate)
         references = [m[-1]["content"] for m in conversations]
-        if stage == "thinking":
+        if spec.checks.think_block:
             answers = [extract_answer(r) for r in replies]
             hits = [a is not None and a == extract_answer(ref) for a, ref in zip(answers, references)]
             formed = ["<think>" in r and "</think>" in r.split("<think>", 1)[-1] for r in replies]
-            metrics["thinking_think_well_formed"] = sum(formed) / len(formed)
-        else:
-            hits = [parses_as_json(r) for r in replies]
-        metrics[metric] = sum(hits) / len(hits)
+            metrics[f"{stage}_think_well_formed"] = sum(formed) / len(formed)
+            metrics[f"{stage}_exact_match"] = sum(hits) / len(hits)
+        if spec.checks.json_target:
+            metrics[f"{stage}_json_valid"] = sum(map(parses_as_json, replies)) / len(replies)
     return metrics
 
 
@@ -122,7 +125,7 @@ def score_model(model, tokenizer, params: Params) -> dict[str, float]:
         loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id, params.evaluate.batch_size)
         scores[f"{stage}_eval_loss"] = round(loss, 6)
         scores[f"{stage}_perplexity"] = round(math.exp(min(loss, 50.0)), 6)
-    generated = generation_metrics(model, tokenizer, params.stage_names, params.evaluate)
+    generated = generation_metrics(model, tokenizer, params)
     return scores | {k: round(v, 6) for k, v in generated.items()}
 
 

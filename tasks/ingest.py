@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,7 +152,11 @@ def ingest_stage(stage: str, spec: DataStageSpec, params: Params) -> IngestedSta
         records, rejects, summaries = [], [], []
         for index, source in enumerate(spec.sources):
             _warn_if_untracked(source, stage)
+            started = time.perf_counter()
             got, lost, summary = ingest_source(source, index, spec.kind)
+            log.info("%s: %s (%s, %d input(s)): %d records, %d rejected, %d repaired in %.1f s", stage, source.path,
+                     summary.preset, len(summary.inputs), summary.records, sum(summary.dropped.values()),
+                     sum(summary.repaired.values()), time.perf_counter() - started)
             records += got
             rejects += lost
             summaries.append(summary)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -123,6 +124,22 @@ def log_validation(client, run_id: str) -> None:
         client.log_artifacts(run_id, str(paths.VALIDATION_DOCS_DIR), "validation/data_docs")
 
 
+def data_metrics(report_file: Path = paths.DATA_REPORT) -> dict[str, float]:
+    """metrics/data.json as flat MLflow metrics: `data.<stage>.<counter>` for every number in it
+    (records, rows, tokens, counts per drop/change reason, packing efficiency)."""
+    if not report_file.exists():
+        return {}
+
+    def numbers(tree: Any, prefix: str) -> dict[str, float]:
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in numbers(sub, f"{prefix}.{key}").items()}
+        if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+            return {re.sub(r"[^\w./ -]", "_", prefix): float(tree)}  # MLflow refuses commas and the like
+        return {}
+
+    return numbers(json.loads(report_file.read_text()), "data")
+
+
 def _now_ms() -> int:
     import time
 
@@ -155,9 +172,14 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
         for model in ("base", "final")
         for k, v in scores[model].items()
     ]
-    client.log_batch(parent_id, metrics=score_metrics, params=[Param(k, v) for k, v in flatten(raw).items()])
+    score_metrics += [Metric(k, v, _now_ms(), 0) for k, v in data_metrics().items()]
+    run_params = [Param(k, v) for k, v in flatten(raw).items()]
+    for lo in range(0, max(len(run_params), len(score_metrics)), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(parent_id, metrics=score_metrics[lo : lo + 100], params=run_params[lo : lo + 100])
     client.log_artifact(parent_id, str(params_file), "config")
     client.log_artifact(parent_id, str(paths.EVALUATE_METRICS), "metrics")
+    if paths.DATA_REPORT.exists():
+        client.log_artifact(parent_id, str(paths.DATA_REPORT), "metrics")
     log_validation(client, parent_id)
     stage_runs = {s: log_stage_run(client, experiment.experiment_id, parent_id, s, params) for s in params.stage_names}
 

@@ -93,7 +93,7 @@ class TestApplyOverrides:
 
     def test_flow_mapping_keeps_its_layout(self, params_copy):
         apply_overrides(params_copy, {"data.stages.syntax.n_records": 50})
-        assert "    syntax: {kind: sft, n_records: 50, source: null, replay_share: 0.3}" in params_copy.read_text().splitlines()
+        assert "    syntax: {kind: sft, n_records: 50, replay_share: 0.3, checks: {json_target: true}}" in params_copy.read_text().splitlines()
         assert load_params(params_copy).data.stages["syntax"].n_records == 50
 
     def test_adds_optional_leaf(self, params_copy):

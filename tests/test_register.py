@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tasks.core import paths
-from tasks.register import check_gates, data_lineage, flatten, log_validation
+from tasks.register import check_gates, data_lineage, data_metrics, flatten, log_validation
 
 
 @pytest.mark.parametrize(
@@ -87,3 +87,21 @@ def test_validation_reports_and_data_docs_go_to_separate_artifact_paths(tmp_path
     docs = ["validation/data_docs/index.html", "validation/data_docs/validations/page.html"] if with_docs else []
     # the HTML sits apart from the JSON reports, not mixed in under validation/docs
     assert artifact_files(client, run_id) == sorted(["validation/embedding.json", "validation/syntax.json", *docs])
+
+
+def test_data_report_becomes_flat_metrics_with_mlflow_safe_names(tmp_path):
+    import json
+
+    report = tmp_path / "data.json"
+    report.write_text(json.dumps({"syntax": {
+        "train_rows": 10, "sources": [{"path": "a.jsonl"}], "packing": {"efficiency": 0.97, "row_length": 256},
+        "prepare": {"changed.control_chars_removed,unicode_normalized": 2, "dropped.exact_duplicate": 1},
+        "flag": True}}))
+    assert data_metrics(report) == {
+        "data.syntax.train_rows": 10.0,
+        "data.syntax.packing.efficiency": 0.97,
+        "data.syntax.packing.row_length": 256.0,
+        "data.syntax.prepare.changed.control_chars_removed_unicode_normalized": 2.0,
+        "data.syntax.prepare.dropped.exact_duplicate": 1.0,
+    }
+    assert data_metrics(tmp_path / "missing.json") == {}

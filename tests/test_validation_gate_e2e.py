@@ -18,9 +18,12 @@ def chat(question: str, answer: str) -> str:
     return json.dumps({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
 
 
-def user_syntax_file(duplicates: int) -> str:
-    lines = [chat(f"Extract JSON: play song number {i}.", json.dumps({"intent": "play", "slots": {"n": i}})) for i in range(40)]
-    lines += lines[:duplicates]  # a user file with repeated records, as exported data often has
+def user_syntax_file(broken: int) -> str:
+    """40 requests with JSON replies; the first `broken` replies are prose, which the syntax
+    stage's contract (`checks.json_target`) refuses."""
+    lines = [chat(f"Extract JSON: play song number {i}.",
+                  f"play song {i}" if i < broken else json.dumps({"intent": "play", "slots": {"n": i}}))
+             for i in range(40)]
     return "\n".join(lines) + "\n"
 
 
@@ -28,9 +31,9 @@ def user_syntax_file(duplicates: int) -> str:
 def failed_run(tmp_path_factory):
     raw = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
     raw["model"]["tiny"]["pretrain"]["max_steps"] = 5
-    raw["data"]["stages"]["syntax"]["source"] = "data/sources/syntax.jsonl"
+    raw["data"]["stages"]["syntax"]["sources"] = [{"path": "data/sources/syntax.jsonl"}]
     ws = make_workspace(tmp_path_factory.mktemp("gate"), raw)
-    (ws.root / "data/sources/syntax.jsonl").write_text(user_syntax_file(duplicates=6))
+    (ws.root / "data/sources/syntax.jsonl").write_text(user_syntax_file(broken=6))
     return ws, ws.flow(check=False)
 
 
@@ -39,8 +42,10 @@ def test_flow_stops_at_validate_with_a_readable_summary(failed_run):
     assert out.returncode == 1
     assert "stage validate failed" in out.stderr
     assert "Data validation failed" in out.stderr
-    assert "syntax/train: expect_column_values_to_be_unique(content_hash)" in out.stderr
-    assert "records share their content_hash with another (duplicates)" in out.stderr
+    assert "expect_column_values_to_be_json_parseable(last_reply)" in out.stderr
+    assert "own records' final reply is not valid JSON" in out.stderr
+    assert "Data Docs (HTML): reports/validation/docs/index.html" in out.stderr  # points to the HTML
+    assert (ws.root / "reports/validation/docs/index.html").exists()
     assert "params.yaml" in out.stderr  # says what to do
     assert "Traceback" not in out.stderr.split("stage validate failed")[-1]
 
@@ -51,15 +56,16 @@ def test_nothing_was_trained_and_earlier_outputs_are_kept(failed_run):
     assert (ws.root / "models/base/model.safetensors").exists()
     report = json.loads((ws.root / "reports/validation/syntax.json").read_text())
     failed = [e for e in report["expectations"] if not e["success"]]
-    assert {e["name"] for e in failed} == {"expect_column_values_to_be_unique(content_hash)"}
-    assert sum(e["unexpected_count"] for e in failed) == 2 * 6  # both rows of each duplicated pair
+    assert {e["name"] for e in failed} == {"expect_column_values_to_be_json_parseable(last_reply)"}
+    # the 6 broken records, wherever the content-hash split put them
+    assert sum(e["unexpected_count"] for e in failed) == 6
     lock = yaml.safe_load((ws.root / "dvc.lock").read_text())
     assert {"ingest", "base", "prepare"} <= set(lock["stages"]) and "validate" not in lock["stages"]
 
 
 def test_fixed_data_resumes_without_rebuilding_the_base(failed_run):
     ws, _ = failed_run
-    (ws.root / "data/sources/syntax.jsonl").write_text(user_syntax_file(duplicates=0))
+    (ws.root / "data/sources/syntax.jsonl").write_text(user_syntax_file(broken=0))
     out = ws.dvc("repro", "validate")
     ran = [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["ingest", "prepare", "validate"]
