@@ -113,7 +113,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     data = args.data.resolve()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
     from tasks.core.modeling import BaseInfo, load_tokenizer
     from tasks.ingest import ingest_all
@@ -129,11 +128,16 @@ def main() -> None:
         tokenizer = load_tokenizer(BaseInfo.load())
         ours, base1, base2 = [], [], []
         for _ in range(args.runs):
+            # datasets sets TOKENIZERS_PARALLELISM=false when it forks (num_proc=2); every side
+            # starts with the Rust tokenizer free to use both cores again.
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
             t0 = time.perf_counter()
             prepare_all(params)
             ours.append(time.perf_counter() - t0)
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
             seconds, tokens = baseline(params, tokenizer, None)
             base1.append(seconds)
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
             base2.append(baseline(params, tokenizer, 2)[0])
         report = json.loads(Path("metrics/data.json").read_text())
     ours_s, b1, b2 = statistics.median(ours), statistics.median(base1), statistics.median(base2)

@@ -39,7 +39,7 @@ class SourceSpec(Strict):
     path: str
     # auto: from the file extension (.jsonl/.json/.csv/.parquet/.txt), hf_disk for a folder.
     format: SourceFormat = "auto"
-    # How an input item becomes stage records (see tasks/data/presets.py); None: `text` for a
+    # How an input item becomes stage records (see tasks/data/presets/); None: `text` for a
     # pretrain stage, `messages` for an sft stage.
     preset: str | None = None
     # Field-name overrides for the preset, e.g. {instruction: prompt, output: completion}.
