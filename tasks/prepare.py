@@ -19,6 +19,7 @@ copied in first), and the counts per reason to `metrics/data.json`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -36,7 +37,7 @@ from tasks.core import paths
 from tasks.core.chat import Encoded, encode_chats, encode_texts
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import DataStageSpec, Params, PrepareConfig, load_params
-from tasks.core.records import content_hash, read_jsonl, write_json, write_jsonl
+from tasks.core.records import canonical_json, read_jsonl, write_json, write_jsonl
 from tasks.data.errors import Reject
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Record:
     content: dict  # {"text"} or {"messages"}
     origin: dict  # {"source": index | "synthetic", "uri"?, "where"}
     digest: str = ""
+    canonical: str = ""  # canonical JSON of content: hashed for the split, stored as record_json
 
     @property
     def uri(self) -> str:
@@ -116,7 +118,8 @@ def clean_and_split(stage: str, spec: DataStageSpec, raw: list[dict], cfg: Prepa
             reason, original = duplicates[index]
             data.reject(record, reason, f"duplicate of {kept[original].uri} {kept[original].where}")
             continue
-        record.digest = content_hash(record.content)
+        record.canonical = canonical_json(record.content)
+        record.digest = hashlib.sha256(record.canonical.encode("utf-8")).hexdigest()  # = content_hash
         (data.eval if split_of(record.digest, cfg.eval_fraction) == "eval" else data.train).append(record)
     return data
 
@@ -199,7 +202,7 @@ def _row(record: Record, enc: Encoded, split: str, stage: str, part: int | None,
         "trainable_share": enc.n_trainable / max(len(enc.input_ids), 1),
         "content_hash": record.digest if part is None else f"{record.digest}:{part}",
         "split": split,
-        "record_json": json.dumps(record.content, ensure_ascii=False, sort_keys=True),
+        "record_json": record.canonical or canonical_json(record.content),
         "source_stage": stage,
         "text": text,
         "roles": ",".join(m["role"] for m in messages),

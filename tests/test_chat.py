@@ -144,3 +144,42 @@ def test_tokenizer_round_trips(unit_tokenizer, tmp_path):
         assert encode_chat(reloaded, CONVERSATIONS[name]) == encode_chat(unit_tokenizer, CONVERSATIONS[name])
     text = "Tom has 3 apples.<think>x</think>"
     assert encode_text(reloaded, text) == encode_text(unit_tokenizer, text)
+
+
+class TestFastPaths:
+    """The compiled template and the Rust-tokenizer span lookups give what the plain paths give."""
+
+    @pytest.mark.parametrize("name", list(CONVERSATIONS))
+    def test_renderer_matches_apply_chat_template(self, unit_tokenizer, name):
+        from tasks.core.chat import ChatRenderer
+
+        renderer = ChatRenderer(unit_tokenizer)
+        assert renderer._template is not None  # the direct path is the one in use
+        messages = CONVERSATIONS[name]
+        for n in range(1, len(messages) + 1):
+            for gen in (False, True):
+                assert renderer(messages[:n], gen) == render(unit_tokenizer, messages[:n], gen)
+
+    def test_backend_and_offset_lookups_give_the_same_labels(self, unit_tokenizer):
+        from tasks.core.chat import _first_token_in_encoding, _first_token_in_offsets, _labels_for_spans
+
+        messages = [Q1, {"role": "assistant", "content": "Caf\u00e9 \U0001F355 costs 4 \u20ac."}, Q2, A2]
+        text, spans = assistant_spans(unit_tokenizer, messages)
+        enc = unit_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        via_backend = _labels_for_spans(enc.ids, _first_token_in_encoding(enc, len(text), len(enc.ids)), spans)
+        via_offsets = _labels_for_spans(enc.ids, _first_token_in_offsets(enc.offsets), spans)
+        assert via_backend == via_offsets == encode_chat(unit_tokenizer, messages).labels
+        trained = [t for t in via_backend if t != IGNORE_INDEX]
+        assert unit_tokenizer.decode(trained) == messages[1]["content"] + "<|im_end|>" + A2["content"] + "<|im_end|>"
+
+    def test_a_template_the_direct_path_gets_wrong_falls_back(self, unit_tokenizer):
+        from tasks.core.chat import ChatRenderer
+
+        class Wrong(ChatRenderer):
+            def _direct(self, messages, generation_prompt):
+                return "not what apply_chat_template renders"
+
+        renderer = Wrong(unit_tokenizer)
+        assert renderer._template is None  # the probe disagreed: every call takes the slow path
+        messages = CONVERSATIONS[list(CONVERSATIONS)[0]]
+        assert renderer(messages) == render(unit_tokenizer, messages)
