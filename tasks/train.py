@@ -96,6 +96,16 @@ def read_rows(stage: str, split: str) -> list[dict]:
     return table.to_pylist()
 
 
+def read_packed_rows(stage: str) -> list[dict]:
+    """The stage's training rows as packed by `prepare` (records end to end, position ids per record)."""
+    import pyarrow.parquet as pq
+
+    path = paths.packed_file(stage)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train.packing needs prepare.packing.enabled: true")
+    return pq.read_table(path, columns=["input_ids", "labels", "position_ids"]).to_pylist()
+
+
 def mean_token_loss(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) -> float:
     """Loss averaged over trainable tokens (not over batches), so splits of any shape compare."""
     import torch
@@ -143,10 +153,12 @@ def train_stage(stage: str, params: Params) -> StageResult:
         weight_decay=spec.weight_decay,
         seed=params.seed,
         save_steps=params.train.checkpoint_every,
+        packed=params.train.packing,
     )
     log.info("train@%s from %s: %d trainable parameters, %d steps", stage, spec.init_from, trainable, spec.max_steps)
     workdir = paths.checkpoint_dir(stage, run_key(stage, params))
-    summary = run_trainer(model, read_rows(stage, "train"), schedule, tokenizer.pad_token_id, workdir)
+    rows = read_packed_rows(stage) if params.train.packing else read_rows(stage, "train")
+    summary = run_trainer(model, rows, schedule, tokenizer.pad_token_id, workdir)
     shutil.rmtree(paths.CHECKPOINTS_DIR / stage, ignore_errors=True)  # done: nothing left to resume
     eval_loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id)
     result = StageResult(stage, spec.init_from, trainable, eval_loss, summary, chain)
@@ -160,9 +172,10 @@ def run_key(stage: str, params: Params) -> str:
     spec = params.train.stages[stage]
     digest = hashlib.sha256()
     settings = {"stage": spec.model_dump(), "lora": params.train.lora_for(stage).model_dump(),
-                "quantization": params.train.quantization, "policy": params.train.chain_policy, "seed": params.seed}
+                "quantization": params.train.quantization, "policy": params.train.chain_policy, "seed": params.seed,
+                "packing": params.train.packing}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    inputs = [paths.prepared_file(stage, "train")]
+    inputs = [paths.packed_file(stage) if params.train.packing else paths.prepared_file(stage, "train")]
     if spec.init_from != "base":
         inputs.append(paths.adapter_dir(spec.init_from) / "adapter_model.safetensors")
     for file in inputs:

@@ -72,6 +72,21 @@ def test_first_stage_trains_a_new_adapter_on_attention_and_experts(in_project):
     assert metrics["steps"] == 6 and metrics["trainable_parameters"] == result.trainable_parameters
 
 
+def test_packed_training_reads_the_packed_rows_and_counts_only_real_tokens(in_project):
+    import pyarrow.parquet as pq
+
+    params = tiny_params()
+    params = params.model_copy(update={"train": params.train.model_copy(update={"packing": True})})
+    result = train_step.train_stage("embedding", params)
+    assert result.summary.steps == 6
+    packed = pq.read_table(paths.packed_file("embedding")).to_pylist()
+    per_row = sorted(len(r["input_ids"]) for r in packed)
+    # 6 steps x 4 packed rows, every token real (no padding is counted, none exists)
+    assert 24 * per_row[0] <= result.summary.tokens_seen <= 24 * per_row[-1]
+    assert per_row[0] > params.prepare.max_length * 0.5  # rows are mostly full: packing did its job
+    assert train_step.run_key("embedding", params) != train_step.run_key("embedding", tiny_params())
+
+
 def test_next_stage_continues_the_previous_adapter(in_project):
     params = tiny_params()
     train_step.train_stage("embedding", params)

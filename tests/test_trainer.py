@@ -58,3 +58,42 @@ def test_merged_history_keeps_steps_from_before_a_resume():
         {"step": 5, "loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.0},
         {"step": 10, "loss": 1.5, "learning_rate": 5e-4, "grad_norm": 0.0, "tokens_per_second": 900.0, "router_entropy": 0.9},
     ]
+
+
+class TestPackedBatches:
+    """A packed, padding-free batch trains exactly what the same records padded one per row train."""
+
+    @pytest.fixture(scope="class")
+    def model_and_rows(self, unit_tokenizer):
+        from tasks.core.config import PretrainConfig, TinyModelConfig
+        from tasks.core.modeling import build_tiny_model
+
+        tiny = TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                               pretrain=PretrainConfig(max_steps=1, batch_size=1, learning_rate=1e-3))
+        model = build_tiny_model(tiny, unit_tokenizer, seed=0).eval()
+        g = torch.Generator().manual_seed(0)
+        rows = []
+        for i, n in enumerate((5, 9, 4, 7)):
+            ids = torch.randint(5, len(unit_tokenizer), (n,), generator=g).tolist()
+            rows.append({"input_ids": ids, "labels": ids, "content_hash": f"h{i}"})
+        return model, rows
+
+    def test_same_loss_as_padded_rows(self, model_and_rows, unit_tokenizer):
+        from tasks.core.trainer import PackedCollator, PadCollator
+        from tasks.data.packing import build_packed_rows
+
+        model, rows = model_and_rows
+        padded = PadCollator(unit_tokenizer.pad_token_id)(rows)
+        packed_rows, _ = build_packed_rows(rows, row_length=16, pad_id=0)
+        assert len(packed_rows) < len(rows)  # records really share rows
+        packed = PackedCollator()(packed_rows)
+        assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))  # no padding at all
+        with torch.no_grad():
+            expected = model(**padded).loss
+            got = model(**packed).loss
+            leaky = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss  # one causal mask over all
+            cached = model(**(packed | {"use_cache": True})).loss  # a KV cache disables the per-record mask
+        assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+        assert abs(leaky.item() - expected.item()) > 1e-4  # the per-record mask is what makes them equal
+        assert abs(cached.item() - expected.item()) > 1e-4  # why the collator turns the cache off

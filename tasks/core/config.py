@@ -230,6 +230,9 @@ class TrainConfig(Strict):
     # continue: keep training the previous stage's adapter; merge: merge it into a full-precision
     # copy of the base and train a new adapter on top (see tasks/core/chain.py).
     chain_policy: Literal["continue", "merge"] = "continue"
+    # Train on prepare's packed rows (train_packed.parquet), batches flattened without padding;
+    # needs prepare.packing.enabled. batch_size then counts packed rows.
+    packing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Memory the preflight check compares its estimate with; None: the device's free memory.
     memory_limit_gb: PositiveFloat | None = None

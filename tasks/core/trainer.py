@@ -29,6 +29,7 @@ class Schedule:
     weight_decay: float = 0.0
     seed: int = 0
     save_steps: int | None = None  # checkpoint every N steps (None: no checkpoints)
+    packed: bool = False  # rows are packed records (with position_ids): batches are flattened, no padding
 
 
 def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int = 5) -> TrainingArguments:
@@ -58,7 +59,8 @@ def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int 
         use_cpu=not on_gpu,
         bf16=on_gpu,
         optim="adamw_torch",
-        include_num_input_tokens_seen="non_padding",
+        # a flattened packed batch has no padding and no attention mask: every token counts
+        include_num_input_tokens_seen="all" if schedule.packed else "non_padding",
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -85,6 +87,28 @@ class PadCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
         }
+
+
+@dataclass(frozen=True)
+class PackedCollator:
+    """Padding-free batches: the packed rows of a batch laid end to end in one sequence.
+
+    Each record keeps its own position ids (restarting at 0), and no attention mask is passed, so
+    transformers builds a block-diagonal causal mask from the position ids: a token attends only
+    to its own record. The first label of every record is already -100 (see tasks/data/packing.py),
+    so no token is trained to follow the previous record. Every token in the batch is real.
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        def flat(key: str) -> Any:
+            return torch.tensor([[t for f in features for t in f[key]]], dtype=torch.long)
+
+        # use_cache=False: with a KV cache, transformers ignores the position ids when it builds the
+        # mask, and records would attend to each other.
+        return {"input_ids": flat("input_ids"), "labels": flat("labels"), "position_ids": flat("position_ids"),
+                "use_cache": False}
 
 
 class RouterLoadMonitor:
@@ -212,7 +236,7 @@ def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id:
         model=model,
         args=training_arguments(schedule, workdir),
         train_dataset=Dataset.from_list(train_rows),
-        data_collator=PadCollator(pad_token_id),
+        data_collator=PackedCollator() if schedule.packed else PadCollator(pad_token_id),
         callbacks=[step_history_callback(history, router)],
     )
     last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
