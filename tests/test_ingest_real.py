@@ -13,28 +13,15 @@ import yaml
 from tasks.core import paths
 from tasks.core.config import parse_params
 from tasks.core.records import read_jsonl
+from bench.prepare_throughput import sources
 from tasks.ingest import ingest_all
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
 
-SOURCES = {
-    "embedding": [
-        {"path": f"{SHARED}/tinyshakespeare/input.txt"},
-        {"path": f"{SHARED}/wikitext2/valid.txt", "options": {"split": "pattern", "pattern": r"^ = [^=].* = $"}},
-    ],
-    "syntax": [
-        {"path": f"{SHARED}/snips_nlu/train_*_full.json", "preset": "snips"},
-        {"path": f"{SHARED}/text2sql_advising/advising.json", "preset": "text2sql"},
-    ],
-    "thinking": [{"path": f"{SHARED}/gsm8k/train.jsonl", "preset": "gsm8k"}],
-    "instructions": [
-        {"path": f"{SHARED}/llms_from_scratch_instruct/instruction-data.json", "preset": "alpaca"},
-        {"path": f"{SHARED}/self_instruct/seed_tasks.jsonl", "preset": "alpaca", "options": {"explode": "instances"}},
-        {"path": f"{SHARED}/oasst_en100/en_100_tree.jsonl", "preset": "oasst"},
-    ],
-}
+# The benchmark's mapping of every shared set to a curriculum stage: one place says how they map.
+SOURCES = sources(SHARED)
 
 
 @pytest.fixture(scope="module")
