@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tasks.core.config import CleanConfig
 from tasks.data import clean
 from tasks.data.clean import clean_record, clean_text, record_text
+from tests.shared_data import SHARED_DATA
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
 PII = CleanConfig(scrub_pii=True)
 
 

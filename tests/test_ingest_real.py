@@ -15,9 +15,10 @@ from tasks.core.config import parse_params
 from tasks.core.records import read_jsonl
 from bench.prepare_throughput import sources
 from tasks.ingest import ingest_all
+from tests.shared_data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
 
 # The benchmark's mapping of every shared set to a curriculum stage: one place says how they map.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ from tasks.data.packing import (
     build_packed_rows,
     pack_sequences,
 )
+from tests.shared_data import SHARED_DATA
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
 
 
 def gsm8k_lengths() -> list[int]:

@@ -28,9 +28,10 @@ from tasks.prepare import (
     split_of,
     weighted_rows,
 )
+from tests.shared_data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 PARAMS = load_params(ROOT / "params.yaml")
 SPECS = PARAMS.data.stages
 

@@ -21,8 +21,9 @@ from tasks.core.records import check_record
 from tasks.data.errors import Reject
 from tasks.data.items import Item
 from tasks.data.presets import PRESET_NAMES, Preset, PresetError, build_preset
+from tests.shared_data import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 real_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data sets not found at {DATA}")
 
 

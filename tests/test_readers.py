@@ -13,9 +13,10 @@ from tasks.data.errors import Reject, SourceError
 from tasks.data.items import Item
 from tasks.data.readers import read_items
 from tasks.data.sources import Input, resolve_inputs
+from tests.shared_data import SHARED_DATA
 
 BAD = Path(__file__).parent / "data" / "bad"
-SNIPS_PLAY_MUSIC = Path("/work/shared/data/snips_nlu/train_PlayMusic_full.json")
+SNIPS_PLAY_MUSIC = SHARED_DATA / "snips_nlu" / "train_PlayMusic_full.json"
 PIZZA = "\U0001f355"
 PIZZA_CESU8 = b"\xed\xa0\xbc\xed\xbd\x95"  # U+1F355 as surrogates D83C DF55, 3 bytes each
 
