@@ -25,7 +25,7 @@ from tasks.core.modeling import (
     resolve_external,
     train_tokenizer,
 )
-from tasks.core.records import read_jsonl, write_json
+from tasks.core.records import content_hash, read_jsonl, split_of, write_json
 from tasks.core.trainer import Schedule, run_trainer
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def build_tiny_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
     from tasks.core.chat import encode_text
 
     tiny = params.model.tiny
-    raw = [rec["text"] for rec in read_jsonl(paths.raw_file(_corpus_stage(params)))]
+    raw = pretraining_texts(params)
     texts = with_chat_markup(raw, tiny.pretrain.chat_markup_share, params.seed)
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
     model = build_tiny_model(tiny, tokenizer, params.seed)
@@ -90,6 +90,15 @@ def build_tiny_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
     tokenizer.save_pretrained(out_dir)
     write_json(out_dir / "pretrain.json", summary.metrics() | {"history": summary.history})
     return BaseInfo(kind="tiny", name_or_path=str(out_dir), num_parameters=model.num_parameters())
+
+
+def pretraining_texts(params: Params) -> list[str]:
+    """The corpus stage's raw texts that `prepare` will put in the train split: its eval split
+    must stay unseen by the base, or the base's eval perplexity is measured on training data."""
+    return [
+        rec["text"] for rec in read_jsonl(paths.raw_file(_corpus_stage(params)))
+        if split_of(content_hash({"text": rec["text"]}), params.prepare.eval_fraction) == "train"
+    ]
 
 
 def _corpus_stage(params: Params) -> str:

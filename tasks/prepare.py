@@ -37,7 +37,7 @@ from tasks.core import paths
 from tasks.core.chat import Encoded, encode_chats, encode_texts
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import DataStageSpec, Params, PrepareConfig, load_params
-from tasks.core.records import canonical_json, read_jsonl, write_json, write_jsonl
+from tasks.core.records import canonical_json, read_jsonl, split_of, write_json, write_jsonl
 from tasks.data.errors import Reject
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,6 @@ class PreparedStage:
     n_rejected: int
     n_replayed: int = 0
     packing_efficiency: float | None = None
-
-
-def split_of(digest: str, eval_fraction: float) -> str:
-    """Deterministic split from the content hash: the same record always lands in the same split."""
-    return "eval" if int(digest[:12], 16) / 16**12 < eval_fraction else "train"
 
 
 # --- clean, dedupe, split -----------------------------------------------------------------------

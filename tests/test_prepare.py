@@ -15,7 +15,7 @@ import yaml
 from tasks.core import paths
 from tasks.core.chat import IGNORE_INDEX, Encoded
 from tasks.core.config import PrepareConfig, load_params, parse_params
-from tasks.core.records import content_hash, read_jsonl, write_jsonl
+from tasks.core.records import content_hash, read_jsonl, split_of, write_jsonl
 from tasks.prepare import (
     Record,
     StageData,
@@ -25,7 +25,6 @@ from tasks.prepare import (
     encode_split,
     prepare_all,
     replay_rows,
-    split_of,
     weighted_rows,
 )
 from tests.shared_data import SHARED_DATA
@@ -291,3 +290,20 @@ class TestPrepareAll:
         again = {p: p.read_bytes() for p in sorted(Path("data/prepared").rglob("*")) if p.is_file()}
         again[paths.DATA_REPORT] = paths.DATA_REPORT.read_bytes()
         assert again == first
+
+
+def test_base_pretrains_only_on_records_prepare_puts_in_train(tmp_path, monkeypatch):
+    from tasks.base import pretraining_texts
+    from tasks.ingest import ingest_all
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for spec in raw["data"]["stages"].values():
+        spec["n_records"] = 200
+    params = parse_params(raw)
+    ingest_all(params)
+    texts = pretraining_texts(params)
+    everything = [r["text"] for r in read_jsonl(paths.raw_file("embedding"))]
+    held_out = [t for t in everything if split_of(content_hash({"text": t}), params.prepare.eval_fraction) == "eval"]
+    assert held_out and len(texts) == len(everything) - len(held_out)
+    assert not set(held_out) & set(texts)

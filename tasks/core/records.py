@@ -128,3 +128,9 @@ def write_json(path: str | Path, payload: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def split_of(digest: str, eval_fraction: float) -> str:
+    """Deterministic split from the content hash: the same record always lands in the same split
+    (`prepare` splits by it, and `base` pretrains the tiny model on the train side only)."""
+    return "eval" if int(digest[:12], 16) / 16**12 < eval_fraction else "train"
