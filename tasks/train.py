@@ -154,6 +154,7 @@ def train_stage(stage: str, params: Params) -> StageResult:
         seed=params.seed,
         save_steps=params.train.checkpoint_every,
         packed=params.train.packing,
+        gradient_checkpointing=params.train.gradient_checkpointing,
     )
     log.info("train@%s from %s: %d trainable parameters, %d steps", stage, spec.init_from, trainable, spec.max_steps)
     workdir = paths.checkpoint_dir(stage, run_key(stage, params))

@@ -87,6 +87,28 @@ def test_packed_training_reads_the_packed_rows_and_counts_only_real_tokens(in_pr
     assert train_step.run_key("embedding", params) != train_step.run_key("embedding", tiny_params())
 
 
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_steps(in_project, monkeypatch):
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3_moe
+
+    calls = {"n": 0}
+    # Count attention calls: the decoder layer's own forward is the checkpointed one, so it is left alone.
+    forward = qwen3_moe.Qwen3MoeAttention.forward
+
+    def counting(self, *args, **kwargs):
+        if self.training:
+            calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(qwen3_moe.Qwen3MoeAttention, "forward", counting)
+    params = tiny_params()
+    checkpointed = params.model_copy(update={"train": params.train.model_copy(update={"gradient_checkpointing": True})})
+    plain = train_step.train_stage("embedding", params).summary.history
+    plain_calls, calls["n"] = calls["n"], 0
+    recomputed = train_step.train_stage("embedding", checkpointed).summary.history
+    assert calls["n"] == 2 * plain_calls  # every layer runs again in the backward pass
+    assert [row["loss"] for row in recomputed] == pytest.approx([row["loss"] for row in plain], abs=1e-4)
+
+
 def test_next_stage_continues_the_previous_adapter(in_project):
     params = tiny_params()
     train_step.train_stage("embedding", params)

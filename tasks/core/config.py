@@ -233,6 +233,9 @@ class TrainConfig(Strict):
     # Train on prepare's packed rows (train_packed.parquet), batches flattened without padding;
     # needs prepare.packing.enabled. batch_size then counts packed rows.
     packing: bool = False
+    # Recompute activations in the backward pass instead of keeping them: the flagship needs it to
+    # fit long sequences; results are the same, so DVC does not re-run a stage when it changes.
+    gradient_checkpointing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Memory the preflight check compares its estimate with; None: the device's free memory.
     memory_limit_gb: PositiveFloat | None = None

@@ -30,6 +30,7 @@ class Schedule:
     seed: int = 0
     save_steps: int | None = None  # checkpoint every N steps (None: no checkpoints)
     packed: bool = False  # rows are packed records (with position_ids): batches are flattened, no padding
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
 
 
 def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int = 5) -> TrainingArguments:
@@ -61,6 +62,9 @@ def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int 
         optim="adamw_torch",
         # a flattened packed batch has no padding and no attention mask: every token counts
         include_num_input_tokens_seen="all" if schedule.packed else "non_padding",
+        activation_checkpointing=schedule.gradient_checkpointing,
+        # non-reentrant: works with frozen (LoRA) inputs without forcing grads on the embeddings
+        activation_checkpointing_kwargs={"use_reentrant": False} if schedule.gradient_checkpointing else None,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
