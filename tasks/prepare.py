@@ -19,6 +19,7 @@ copied in first), and the counts per reason to `metrics/data.json`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,6 +52,13 @@ class Record:
     origin: dict  # {"source": index | "synthetic", "uri"?, "where"}
     digest: str = ""
     canonical: str = ""  # canonical JSON of content: hashed for the split, stored as record_json
+
+    @functools.cached_property
+    def plain_text(self) -> str:
+        """What dedupe and decontamination compare; read after cleaning, which is final by then."""
+        from tasks.data.clean import record_text
+
+        return record_text(self.content)
 
     @property
     def uri(self) -> str:
@@ -92,7 +100,7 @@ class PreparedStage:
 
 def clean_and_split(stage: str, spec: DataStageSpec, raw: list[dict], cfg: PrepareConfig, seed: int) -> StageData:
     """Clean every record, drop duplicates, and split the rest by content hash."""
-    from tasks.data.clean import clean_record, record_text
+    from tasks.data.clean import clean_record
     from tasks.data.dedupe import find_duplicates
 
     data = StageData(stage, spec)
@@ -107,7 +115,7 @@ def clean_and_split(stage: str, spec: DataStageSpec, raw: list[dict], cfg: Prepa
         elif reasons:  # reported but left as is (e.g. U+FFFD: the original character is unknowable)
             data.counts.update(f"flagged.{r}" for r in reasons)
         kept.append(record)
-    duplicates = find_duplicates([record_text(r.content) for r in kept], cfg.dedupe, seed)
+    duplicates = find_duplicates([r.plain_text for r in kept], cfg.dedupe, seed)
     for index, record in enumerate(kept):
         if index in duplicates:
             reason, original = duplicates[index]
@@ -143,18 +151,17 @@ def benchmark_texts(path: str) -> list[str]:
 
 def decontaminate(stages: list[StageData], cfg: PrepareConfig) -> None:
     """Drop training records sharing an n-gram with any stage's eval split or a benchmark file."""
-    from tasks.data.clean import record_text
     from tasks.data.decontaminate import NgramIndex
 
     dcfg = cfg.decontaminate
     if not dcfg.enabled:
         return
-    held_out = [record_text(r.content) for data in stages for r in data.eval]
+    held_out = [r.plain_text for data in stages for r in data.eval]
     for path in dcfg.benchmark_files:
         held_out += benchmark_texts(path)
     index = NgramIndex.build(held_out, dcfg.ngram)
     for data in stages:
-        hits = index.first_hits([record_text(r.content) for r in data.train])
+        hits = index.first_hits([r.plain_text for r in data.train])
         for i, record in enumerate(data.train):
             if i in hits:
                 data.reject(record, "contaminated", f"shares the {dcfg.ngram}-gram {hits[i]!r} with held-out text")

@@ -101,6 +101,13 @@ def _finish_chat(item: Item, where: str, messages: list[dict], raw: Any) -> Outp
 # --- the base class -----------------------------------------------------------------------------
 
 
+def require_placeholder(value: str, placeholder: str, what: str) -> str:
+    """An option template must name where the filled value goes."""
+    if placeholder not in value:
+        raise ValueError(f"must contain {placeholder}, where {what} goes")
+    return value
+
+
 class PresetOptions(BaseModel):
     """Options common to no preset: each preset's model lists its own, and nothing else is accepted."""
 
@@ -129,7 +136,7 @@ class Preset:
             try:  # the safety net: a record the pipeline would refuse later is a Reject here
                 yield where, check_record(record, self.kind, where)
             except RecordError as exc:
-                yield Reject(item.source, where, getattr(exc, "reason", "invalid_record"), str(exc), record)
+                yield Reject(item.source, where, exc.reason, str(exc), record)
 
     def _map(self, item: Item) -> Iterator[Output]:
         raise NotImplementedError

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pydantic import field_validator
 
 from tasks.data.items import Item
-from tasks.data.presets.base import Output, Preset, PresetOptions, _exchange, _field, _fill_template, _Miss
+from tasks.data.presets.base import Output, Preset, PresetOptions, _exchange, _field, _fill_template, _Miss, require_placeholder
 
 
 class Gsm8kOptions(PresetOptions):
@@ -18,9 +18,7 @@ class Gsm8kOptions(PresetOptions):
     @field_validator("answer_template")
     @classmethod
     def _has_placeholder(cls, value: str) -> str:
-        if "{answer}" not in value:
-            raise ValueError("must contain {answer}, where the final answer goes")
-        return value
+        return require_placeholder(value, "{answer}", "the final answer")
 
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")

@@ -10,7 +10,7 @@ from pydantic import field_validator
 
 from tasks.data.items import Item
 from tasks.data.presets.base import (
-    Output, Preset, PresetOptions, _exchange, _field, _fill_template, _Miss, _sub_where, _type_name,
+    Output, Preset, PresetOptions, _exchange, _field, _fill_template, _Miss, _sub_where, _type_name, require_placeholder,
 )
 
 
@@ -23,9 +23,7 @@ class SnipsOptions(PresetOptions):
     @field_validator("prompt")
     @classmethod
     def _has_placeholder(cls, value: str) -> str:
-        if "{text}" not in value:
-            raise ValueError("must contain {text}, where the utterance goes")
-        return value
+        return require_placeholder(value, "{text}", "the utterance")
 
 
 class SnipsPreset(Preset):

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from tasks.data.items import Item
-from tasks.data.presets.base import Output, Preset, PresetOptions, _exchange, _field, _fill_template, _Miss, _sub_where
+from tasks.data.presets.base import Output, Preset, PresetOptions, _exchange, _field, _fill_template, _Miss, _sub_where, require_placeholder
 
 
 class Text2SqlOptions(PresetOptions):
@@ -23,9 +23,7 @@ class Text2SqlOptions(PresetOptions):
     @field_validator("prompt")
     @classmethod
     def _has_placeholder(cls, value: str) -> str:
-        if "{question}" not in value:
-            raise ValueError("must contain {question}, where the question goes")
-        return value
+        return require_placeholder(value, "{question}", "the question")
 
 
 def _token_pattern(names: list[str]) -> re.Pattern[str]:
