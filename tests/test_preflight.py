@@ -48,12 +48,72 @@ def test_nf4_puts_attention_and_fused_experts_in_4bit(base):
     assert (quant - full).norm() / full.norm() < 0.25
 
 
-def test_lora_reaches_4bit_experts_but_is_refused_before_training(base):
+def test_lora_reaches_4bit_experts_and_passes_preflight(base):
     model = with_lora(load_base_model(base, "nf4"))
     report = run_preflight(model, "nf4", expects_experts=True, batch_size=2, seq_len=32)
     assert report.trainable_by_part["experts"] > 0  # the full-name expansion reached the 4-bit experts
-    with pytest.raises(PreflightError, match="LoRA on 4-bit fused experts is not supported yet"):
-        check(report)
+    assert report.four_bit_by_part["experts"] == report.parameters_by_part["experts"]
+    check(report)
+
+
+def test_lora_on_4bit_experts_learns_like_lora_on_their_dequantized_weights(base):
+    """QLoRA on fused experts: several steps run (peft 0.21 alone fails at the second), the 4-bit
+    storage is untouched, the LoRA proxy is removed after each forward, and the LoRA gradients
+    equal those of the same LoRA on full-precision experts holding the dequantized values."""
+    from tasks.core.quantize import fused_expert_modules
+
+    quantized = load_base_model(base, "nf4")
+    dequantized = load_base_model(base, "none")
+    for (_, q), (_, d) in zip(fused_expert_modules(quantized), fused_expert_modules(dequantized)):
+        for name in ("gate_up_proj", "down_proj"):
+            getattr(d, name).data.copy_(getattr(q, name))  # access dequantizes
+    for layer_q, layer_d in zip(quantized.model.layers, dequantized.model.layers):  # same attention too
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(layer_d.self_attn, proj).weight.data.copy_(dequantize_linear(getattr(layer_q.self_attn, proj)))
+    lora_q, lora_d = with_lora(quantized), with_lora(dequantized)
+    storage = {n: p.clone() for n, p in lora_q.named_parameters() if "parametrizations" in n}  # 4-bit experts
+    ids = torch.randint(0, quantized.config.vocab_size, (2, 12))
+    optimizer = torch.optim.SGD([p for p in lora_q.parameters() if p.requires_grad], lr=0.5)
+    for step in range(3):
+        with torch.no_grad():  # the twin starts each step from the same adapter
+            twin = lora_factors(lora_d)
+            for key, factor in lora_factors(lora_q).items():
+                twin[key].copy_(factor)
+        for model in (lora_q, lora_d):
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads_q = {k: p.grad for k, p in lora_factors(lora_q).items() if ".experts." in k}
+        grads_d = {k: p.grad for k, p in lora_factors(lora_d).items() if ".experts." in k}
+        assert grads_q and grads_q.keys() == grads_d.keys()
+        for name, grad in grads_q.items():
+            assert grad is not None, f"{name} gets no gradient: its LoRA does not reach the forward"
+            assert step == 0 or grad.abs().sum() > 0, name  # lora_A: zero while lora_B is still zero
+            torch.testing.assert_close(grad, grads_d[name], rtol=1e-2, atol=1e-4)  # float noise only
+        optimizer.step()
+    for _, module in fused_expert_modules(lora_q):
+        assert all(len(module.parametrizations[p]) == 1 for p in ("gate_up_proj", "down_proj"))
+    changed = [n for n, p in lora_q.named_parameters() if n in storage and not torch.equal(p, storage[n])]
+    assert not changed
+
+
+def lora_factors(model) -> dict[str, torch.Tensor]:
+    """Every LoRA factor by a name that does not depend on how peft nested its wrappers:
+    `...experts.<parameter>.lora_A` for fused experts (wrappers may nest in either order)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    factors = {n: p for n, p in model.named_parameters() if p.requires_grad and ".experts." not in n}
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            owner = name.split(".experts")[0]
+            for factor in ("lora_A", "lora_B"):
+                factors[f"{owner}.experts.{module.parameter_name}.{factor}"] = getattr(module, factor)["default"].weight
+    return factors
+
+
+def dequantize_linear(linear) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(linear.weight.data, linear.weight.quant_state).float()
 
 
 def test_plain_load_in_4bit_leaves_experts_full_precision_and_fails(base):

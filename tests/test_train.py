@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -139,14 +140,23 @@ def test_unknown_stage_is_a_config_error(in_project):
         train_step.train_stage("poetry", tiny_params())
 
 
-def test_nf4_quantizes_attention_and_experts_and_trains(in_project):
+def test_nf4_quantizes_attention_and_experts_and_trains_lora_on_both(in_project):
+    """Full QLoRA on the MoE: 4-bit attention and fused experts, LoRA on both, and every expert
+    LoRA factor moves (with peft alone, the inner of two nested expert adapters never learns)."""
     import bitsandbytes as bnb
 
     model = load_base_model(BaseInfo.load(), "nf4")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert any("parametrizations.gate_up_proj.original" in n for n, _ in model.named_parameters())
-    result = train_step.train_stage("embedding", tiny_params("nf4", expert_lora=False))
+    result = train_step.train_stage("embedding", tiny_params("nf4", expert_lora=True))
     assert result.summary.steps == 6 and result.summary.last_loss == result.summary.last_loss  # not NaN
+    expert_b = {k: v for k, v in lora_tensors("embedding").items() if "experts" in k and "lora_B" in k}
+    assert len(expert_b) == 2 * 2  # two layers x (gate_up_proj, down_proj)
+    assert all(v.abs().sum() > 0 for v in expert_b.values()), "an expert adapter did not learn"
+    # `continue` reloads that adapter onto the 4-bit experts and keeps training it
+    train_step.train_stage("syntax", tiny_params("nf4", expert_lora=True))
+    after = {k: v for k, v in lora_tensors("syntax").items() if k in expert_b}
+    assert after.keys() == expert_b.keys() and all(not torch.equal(after[k], expert_b[k]) for k in after)
     assert json.loads((paths.adapter_dir("embedding") / "stage.json").read_text())["quantization"] == "nf4"
     preflight = json.loads((paths.adapter_dir("embedding") / "preflight.json").read_text())
     assert preflight["four_bit_by_part"]["experts"] == preflight["parameters_by_part"]["experts"]
@@ -157,8 +167,10 @@ def test_preflight_stops_a_stage_before_its_first_step(in_project):
 
     history = paths.train_history("embedding")
     before = history.read_text() if history.exists() else None
-    with pytest.raises(PreflightError, match="LoRA on 4-bit fused experts is not supported yet"):
-        train_step.train_stage("embedding", tiny_params("nf4", expert_lora=True))
+    params = tiny_params("nf4")
+    params = params.model_copy(update={"train": params.train.model_copy(update={"memory_limit_gb": 1e-6})})
+    with pytest.raises(PreflightError, match="exceeds the"):
+        train_step.train_stage("embedding", params)
     report = json.loads((paths.adapter_dir("embedding") / "preflight.json").read_text())
     assert len(report["problems"]) == 1
     assert (history.read_text() if history.exists() else None) == before  # no step was taken

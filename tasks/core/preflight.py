@@ -132,15 +132,6 @@ def run_preflight(model: nn.Module, quantization: str, expects_experts: bool, ba
             f"quantization is nf4 but {full_experts:,} expert parameters are in full precision: the fused "
             "experts were not quantized (load the model through tasks.core.modeling.load_base_model)"
         )
-    if quantization == "nf4" and report.four_bit_by_part.get("experts") and report.trainable_by_part.get("experts"):
-        # peft stacks its LoRA parametrization on bitsandbytes' dequantizing one; with peft 0.21 and
-        # bitsandbytes 0.50 the second training step then fails deep inside peft. Say so up front.
-        report.problems.append(
-            "LoRA on 4-bit fused experts is not supported yet (peft's parameter LoRA and bitsandbytes' "
-            "4-bit parametrization conflict after the first step): with quantization nf4, set "
-            "train.lora.target_parameters: [] (experts frozen in 4-bit, LoRA on attention), or use "
-            "quantization: none to adapt the experts"
-        )
     if expects_experts and has_experts and not report.trainable_by_part.get("experts"):
         report.problems.append(
             "the LoRA config targets experts (train.lora.target_parameters) but no expert parameter is "

@@ -34,6 +34,9 @@ def quantize_fused_experts(model: nn.Module, compress_statistics: bool = True) -
     """Put every fused expert weight in NF4 (double quantization); returns how many."""
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
 
+    from tasks.core.peft_fixes import fix_param_lora_on_4bit
+
+    fix_param_lora_on_4bit()  # peft's LoRA on these experts stacks a parametrization on the 4-bit one
     count = 0
     for _, module in fused_expert_modules(model):
         for param in EXPERT_PARAMETERS:
