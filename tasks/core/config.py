@@ -225,6 +225,24 @@ class StageSpec(Strict):
     lora: LoraConfig | None = None
 
 
+class LauncherConfig(Strict):
+    """How a training stage's process starts: one process, or `accelerate launch` for several
+    GPUs (or several CPU processes). The same `python -m tasks.train <stage>` command re-executes
+    itself under accelerate, so dvc.yaml and the flow stay the same."""
+
+    kind: Literal["python", "accelerate"] = "python"
+    # An accelerate config, e.g. infra/accelerate/fsdp2_qlora.yaml or deepspeed_zero3.yaml.
+    config_file: str | None = None
+    # None: the config file's num_processes. The global batch is batch_size x processes.
+    num_processes: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _config_for_accelerate(self) -> LauncherConfig:
+        if self.kind == "accelerate" and not self.config_file:
+            raise ValueError("kind accelerate needs config_file (see infra/accelerate/)")
+        return self
+
+
 class TrainConfig(Strict):
     quantization: Literal["none", "nf4"] = "none"
     # continue: keep training the previous stage's adapter; merge: merge it into a full-precision
@@ -241,6 +259,15 @@ class TrainConfig(Strict):
     memory_limit_gb: PositiveFloat | None = None
     # Checkpoint every N optimizer steps, so a killed stage resumes instead of starting over.
     checkpoint_every: PositiveInt | None = 50
+    # auto: paged 8-bit AdamW (bitsandbytes) on GPU, torch AdamW on CPU; or a transformers optim name.
+    optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = "auto"
+    # Liger kernels (fused RMSNorm, SwiGLU, RoPE, linear cross-entropy): auto = on a GPU when the
+    # liger-kernel package is installed; on = required (fails if it cannot be used).
+    liger_kernels: Literal["auto", "on", "off"] = "auto"
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    # Log step metrics to MLflow while the stage runs (and, with system_metrics, CPU/GPU/memory use).
+    mlflow_live: bool = True
+    system_metrics: bool = True
     # Stage plan, in curriculum order; each stage's `init_from` is `base` or an earlier stage.
     stages: dict[str, StageSpec]
 
