@@ -28,9 +28,9 @@ from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, load_params
 from tasks.core.records import write_json
+from tasks.core.tracking import ADAPTER_TAG, STAGE_TAG, configure_mlflow, file_sha256, find_stage_run, flatten, stage_params
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second")
+STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_gib")
 
 
 @dataclass
@@ -42,16 +42,6 @@ class Registration:
     stage_run_ids: dict[str, str]
     gate_passed: bool
     gate_reasons: list[str] = field(default_factory=list)
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested params -> {"train.stages.syntax.learning_rate": "0.003", ...} for MLflow."""
-    if isinstance(tree, dict):
-        out: dict[str, str] = {}
-        for key, value in tree.items():
-            out |= flatten(value, f"{prefix}{key}.")
-        return out
-    return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, list) else str(tree)}
 
 
 def check_gates(final: dict[str, float], thresholds: dict[str, float]) -> tuple[bool, list[str]]:
@@ -90,14 +80,28 @@ def data_lineage(stages: list[str], lock_file: Path = Path("dvc.lock")) -> dict[
 
 
 def log_stage_run(client, experiment_id: str, parent_id: str, stage: str, params: Params) -> str:
-    """A child run with the stage's params, step history, summary metrics and artifacts."""
+    """The stage's child run: the live run that trained this exact adapter (found by its hash),
+    nested under the pipeline run; or, when there is none (`train.mlflow_live` off, another
+    tracking server), a new run with the stage's params and step history from its log file.
+    Either way it gets the adapter, validation report and summary metrics as artifacts."""
+    adapter_file = paths.adapter_dir(stage) / "adapter_model.safetensors"
+    run_id = find_stage_run(client, experiment_id, stage, adapter_file)
+    if run_id:
+        client.set_tag(run_id, "mlflow.parentRunId", parent_id)
+    else:
+        run_id = log_stage_history(client, experiment_id, parent_id, stage, params)
+    client.log_artifacts(run_id, str(paths.adapter_dir(stage)), "adapter")
+    client.log_artifact(run_id, str(paths.validation_report(stage)), "validation")
+    client.log_artifact(run_id, str(paths.train_metrics(stage)), "metrics")
+    return run_id
+
+
+def log_stage_history(client, experiment_id: str, parent_id: str, stage: str, params: Params) -> str:
+    """A new, finished child run holding what the stage's files recorded."""
     from mlflow.entities import Metric, Param
 
-    spec = params.train.stages[stage]
-    run = client.create_run(experiment_id, run_name=stage, tags={"mlflow.parentRunId": parent_id, "stage": stage})
+    run = client.create_run(experiment_id, run_name=f"train@{stage}", tags={"mlflow.parentRunId": parent_id, STAGE_TAG: stage})
     run_id = run.info.run_id
-    stage_params = flatten(spec.model_dump(exclude={"lora"})) | flatten(params.train.lora_for(stage).model_dump(), "lora.")
-    stage_params["quantization"] = params.train.quantization
     history = [json.loads(line) for line in paths.train_history(stage).read_text().splitlines() if line]
     metrics = [
         Metric(key, float(value), _now_ms(), int(row["step"]))
@@ -107,10 +111,9 @@ def log_stage_run(client, experiment_id: str, parent_id: str, stage: str, params
     ]
     summary = json.loads(paths.train_metrics(stage).read_text())
     metrics += [Metric(f"final_{k}", float(v), _now_ms(), 0) for k, v in summary.items() if isinstance(v, (int, float))]
-    client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in stage_params.items()])
-    client.log_artifacts(run_id, str(paths.adapter_dir(stage)), "adapter")
-    client.log_artifact(run_id, str(paths.validation_report(stage)), "validation")
-    client.log_artifact(run_id, str(paths.train_metrics(stage)), "metrics")
+    items = [Param(k, v) for k, v in stage_params(stage, params).items()]
+    client.log_batch(run_id, metrics=metrics, params=items)
+    client.set_tag(run_id, ADAPTER_TAG, file_sha256(paths.adapter_dir(stage) / "adapter_model.safetensors"))
     client.set_terminated(run_id)
     return run_id
 
@@ -150,8 +153,7 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     import mlflow
     from mlflow import MlflowClient
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    configure_mlflow()
     cfg = params.register_
     client = MlflowClient()
     experiment = mlflow.set_experiment(cfg.experiment)

@@ -77,13 +77,15 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
     assert len(parents) == 1
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    assert sorted(r.info.run_name for r in children) == sorted(f"train@{s}" for s in STAGES)
+    # the runs that trained live (step metrics as they happened) are the ones nested here
+    assert all(r.data.tags.get("init_from") and r.data.tags.get("adapter_sha256") for r in children)
     assert parent.data.params["train.stages.syntax.max_steps"] == "30"
     assert "final.syntax_eval_loss" in parent.data.metrics
-    thinking = next(r for r in children if r.info.run_name == "thinking")
+    thinking = next(r for r in children if r.info.run_name == "train@thinking")
     history = client.get_metric_history(thinking.info.run_id, "loss")
     assert len(history) >= 2 and history[-1].value < history[0].value
-    assert "tokens_per_second" in thinking.data.metrics
+    assert "tokens_per_second" in thinking.data.metrics and thinking.data.metrics["peak_memory_gib"] > 0
     assert 0.0 < thinking.data.metrics["router_entropy"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(thinking.info.run_id)}
     assert {"adapter", "validation", "metrics"} <= artifacts
@@ -98,7 +100,7 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
         assert version.tags[f"data_md5.{stage}"] == dep["md5"]
     assert version.tags["adapter_chain"] == "base + instructions"  # continue: one adapter carries all
     assert version.tags["chain_policy"] == "continue"
-    assert version.run_id == next(r.info.run_id for r in children if r.info.run_name == "instructions")
+    assert version.run_id == next(r.info.run_id for r in children if r.info.run_name == "train@instructions")
     registration = json.loads((workspace.root / "reports" / "registration.json").read_text())
     assert registration["version"] == str(version.version)
     if registration["gate_passed"]:

@@ -68,6 +68,12 @@ def test_killed_stage_resumes_and_matches_an_uninterrupted_run(project):
     assert metrics["resumed_from_step"] >= killed_at - EVERY and metrics["steps"] == STEPS
     assert not (project / paths.CHECKPOINTS_DIR / "embedding").exists()  # cleaned once finished
     after_resume = load_file(paths.adapter_dir("embedding") / "adapter_model.safetensors")
+    # MLflow: the resumed process continued the run the killed one started, so one run holds the
+    # whole stage, steps from before the kill included.
+    runs = stage_runs(project)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in mlflow_client(project).get_metric_history(runs[0].info.run_id, "loss")]
+    assert steps[0] == 1 and steps[-1] == STEPS and min(steps) < killed_at
 
     straight = subprocess.run(**train_cmd(project), capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0 and "resuming" not in straight.stderr
@@ -76,3 +82,15 @@ def test_killed_stage_resumes_and_matches_an_uninterrupted_run(project):
     for key, value in uninterrupted.items():
         # Tolerance: CPU kernels are deterministic here; allow float noise from reloaded optimizer state.
         assert (after_resume[key] - value).abs().max() <= 1e-5 + 1e-4 * value.abs().max(), key
+
+
+def mlflow_client(root):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def stage_runs(root) -> list:
+    client = mlflow_client(root)
+    experiment = client.get_experiment_by_name("stagewise")
+    return client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'train@embedding'")

@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from tasks.core.chat import IGNORE_INDEX
 
@@ -31,6 +31,29 @@ class Schedule:
     save_steps: int | None = None  # checkpoint every N steps (None: no checkpoints)
     packed: bool = False  # rows are packed records (with position_ids): batches are flattened, no padding
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    optimizer: str = "adamw_torch"  # a transformers `optim` name (see resolve_optimizer)
+    liger_kernels: bool = False  # Liger's fused kernels (GPU only; see resolve_liger)
+
+
+def resolve_optimizer(choice: str, on_gpu: bool) -> str:
+    """`auto`: paged 8-bit AdamW on a GPU (optimizer state in 8 bits, paged to host memory under
+    pressure instead of crashing), plain AdamW on CPU. Other names pass through."""
+    if choice == "auto":
+        return "paged_adamw_8bit" if on_gpu else "adamw_torch"
+    return choice
+
+
+def resolve_liger(choice: str, on_gpu: bool) -> bool:
+    """`auto`: on when there is a GPU and liger-kernel is installed; `on` insists on both."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if choice == "on" and not (on_gpu and installed):
+        from tasks.core.config import ConfigError
+
+        missing = "a GPU" if not on_gpu else "the liger-kernel package (pip install 'stagewise[gpu]')"
+        raise ConfigError(f"train.liger_kernels is on but this machine lacks {missing}; set it to auto or off")
+    return choice != "off" and on_gpu and installed
 
 
 def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int = 5) -> TrainingArguments:
@@ -59,13 +82,16 @@ def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int 
         data_seed=schedule.seed,
         use_cpu=not on_gpu,
         bf16=on_gpu,
-        optim="adamw_torch",
+        optim=schedule.optimizer,
+        use_liger_kernel=schedule.liger_kernels,
         # a flattened packed batch has no padding and no attention mask: every token counts
         include_num_input_tokens_seen="all" if schedule.packed else "non_padding",
         activation_checkpointing=schedule.gradient_checkpointing,
         # non-reentrant: works with frozen (LoRA) inputs without forcing grads on the embeddings
         activation_checkpointing_kwargs={"use_reentrant": False} if schedule.gradient_checkpointing else None,
         dataloader_num_workers=0,
+        # every LoRA factor (fused experts included) gets a gradient each step: no unused-parameter scan
+        ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
 
@@ -162,9 +188,21 @@ class RouterLoadMonitor:
             handle.remove()
 
 
-def step_history_callback(history: list[dict[str, float]], router: RouterLoadMonitor | None = None):
-    """A TrainerCallback that appends each logged step (with tokens/s and, for MoE models, the
-    router load entropy) to `history`."""
+def peak_memory_gib() -> float:
+    """Peak memory so far: allocated GPU memory on a GPU, else the process's peak resident size."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def step_history_callback(history: list[dict[str, float]], router: RouterLoadMonitor | None = None,
+                          sink: Callable[[dict[str, float]], None] | None = None):
+    """A TrainerCallback that appends each logged step (with tokens/s, peak memory and, for MoE
+    models, the router load entropy) to `history`, and hands it to `sink` (live MLflow) at once."""
     from transformers import TrainerCallback
 
     class StepHistory(TrainerCallback):
@@ -182,19 +220,25 @@ def step_history_callback(history: list[dict[str, float]], router: RouterLoadMon
                 "learning_rate": float(logs.get("learning_rate", 0.0)),
                 "grad_norm": float(logs.get("grad_norm", 0.0)),
                 "tokens_per_second": (tokens - self._last[1]) / elapsed,
+                "peak_memory_gib": peak_memory_gib(),
             }
             if router is not None:
                 row |= router.take()
             history.append(row)
+            if sink is not None:
+                sink(row)
             self._last = (now, tokens)
 
     return StepHistory()
 
 
+LIVE_ONLY = ("tokens_per_second", "peak_memory_gib")
+
+
 def merged_history(log_history: list[dict], live: list[dict[str, float]]) -> list[dict[str, float]]:
     """Every logged step, including those before a resume (restored in the trainer state);
     tokens/s and router entropy are known only for steps this process ran."""
-    measured = {row["step"]: {k: v for k, v in row.items() if k == "tokens_per_second" or k.startswith("router_")} for row in live}
+    measured = {row["step"]: {k: v for k, v in row.items() if k in LIVE_ONLY or k.startswith("router_")} for row in live}
     rows = []
     for entry in log_history:
         if "loss" not in entry or "step" not in entry:
@@ -227,9 +271,11 @@ class TrainingSummary:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id: int, workdir: Path) -> TrainingSummary:
+def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id: int, workdir: Path,
+                on_step: Callable[[dict[str, float]], None] | None = None) -> TrainingSummary:
     """Train `model` on rows of {input_ids, labels} with the transformers Trainer, resuming from
-    the last checkpoint in `workdir` if an earlier run of the same work was interrupted."""
+    the last checkpoint in `workdir` if an earlier run of the same work was interrupted.
+    `on_step` gets each logged step's metrics as they happen."""
     from datasets import Dataset
     from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
@@ -241,7 +287,7 @@ def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id:
         args=training_arguments(schedule, workdir),
         train_dataset=Dataset.from_list(train_rows),
         data_collator=PackedCollator() if schedule.packed else PadCollator(pad_token_id),
-        callbacks=[step_history_callback(history, router)],
+        callbacks=[step_history_callback(history, router, on_step)],
     )
     last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
     if last:

@@ -1,0 +1,163 @@
+"""MLflow while a stage trains: one run per training stage, with step metrics as they happen and
+the machine's system metrics (CPU, memory, GPU), so a long run can be watched in the MLflow UI.
+
+The run carries the stage's params and, once the adapter is written, its sha256 as a tag; that is
+how `register` finds it later and nests it under the pipeline run (`adapter_run`). A resumed stage
+(after a kill) continues the run it started: its id is kept in the stage's checkpoint folder.
+
+The tracking server is `MLFLOW_TRACKING_URI` (credentials, if any, also from the environment),
+else the embedded `sqlite:///mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from tasks.core.config import Params
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_ID_FILE = "mlflow_run_id"
+ADAPTER_TAG = "adapter_sha256"
+STAGE_TAG = "stage"
+SYSTEM_METRICS_INTERVAL_S = 5.0
+
+
+def configure_mlflow() -> None:
+    """Point MLflow at the configured server (or the embedded sqlite file), without telemetry."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested params -> {"train.stages.syntax.learning_rate": "0.003", ...} for MLflow."""
+    import json
+
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out |= flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, list) else str(tree)}
+
+
+def stage_params(stage: str, params: Params) -> dict[str, str]:
+    """What a training stage ran with: its own settings, its LoRA and the train-wide switches."""
+    spec = params.train.stages[stage]
+    out = flatten(spec.model_dump(exclude={"lora"})) | flatten(params.train.lora_for(stage).model_dump(), "lora.")
+    wide = params.train.model_dump(include={"quantization", "chain_policy", "packing", "gradient_checkpointing",
+                                            "optimizer", "liger_kernels", "launcher"})
+    return out | flatten(wide)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class StageRun:
+    """The live run of one training stage; `log_step` is the Trainer callback's sink."""
+
+    client: MlflowClient
+    run_id: str
+    resumed: bool
+
+    def log_step(self, row: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        step, now = int(row["step"]), _now_ms()
+        metrics = [Metric(k, float(v), now, step) for k, v in row.items() if k != "step"]
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        except Exception as error:  # noqa: BLE001 - a tracking hiccup must not kill hours of training
+            log.warning("MLflow step metrics not logged at step %d: %s", step, error)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for lo in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[lo : lo + 100])
+
+    def finish(self, summary: dict[str, float], adapter_file: Path) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        numbers = [Metric(f"final_{k}", float(v), now, 0) for k, v in summary.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=numbers)
+        self.client.set_tag(self.run_id, ADAPTER_TAG, file_sha256(adapter_file))
+
+
+@contextmanager
+def stage_run(stage: str, experiment: str, workdir: Path, system_metrics: bool,
+              tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+    """Open (or, after a kill, reopen) the stage's MLflow run; it ends FINISHED, or FAILED when
+    the block raises. `workdir` is the stage's checkpoint folder, where the run id is kept."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    configure_mlflow()
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    id_file = workdir / RUN_ID_FILE
+    previous = id_file.read_text().strip() if id_file.exists() else None
+    if previous and not _run_exists(previous):
+        previous = None
+    run_tags = {"pipeline": "stagewise", STAGE_TAG: stage, **(tags or {})}
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):
+        run_tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+    if system_metrics:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    with mlflow.start_run(run_id=previous, experiment_id=experiment_id, run_name=f"train@{stage}",
+                          tags=None if previous else run_tags, log_system_metrics=system_metrics) as run:
+        workdir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run.info.run_id)
+        if previous:
+            log.info("MLflow: continuing run %s of train@%s", previous, stage)
+        yield StageRun(MlflowClient(), run.info.run_id, resumed=previous is not None)
+
+
+def find_stage_run(client: MlflowClient, experiment_id: str, stage: str, adapter_file: Path) -> str | None:
+    """The live training run that wrote this exact adapter and is not yet part of a pipeline run."""
+    digest = file_sha256(adapter_file)
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.{ADAPTER_TAG} = '{digest}' and tags.{STAGE_TAG} = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
+    for run in runs:
+        if "mlflow.parentRunId" not in run.data.tags:
+            return run.info.run_id
+    return None
+
+
+def _run_exists(run_id: str) -> bool:
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient().get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - another server, or the store was reset
+        return False
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
