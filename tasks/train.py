@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prefect import task
@@ -23,9 +24,17 @@ from tasks.core import paths
 from tasks.core.chain import STAGE_INFO_FILE
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import ConfigError, LoraConfig, Params, load_params
+from tasks.core.launcher import (
+    gathered_adapter_state,
+    in_distributed_worker,
+    is_main_process,
+    process_rank,
+    relaunch,
+    world_size,
+)
 from tasks.core.preflight import PreflightError
 from tasks.core.records import write_json
-from tasks.core.trainer import Schedule, TrainingSummary, run_trainer
+from tasks.core.trainer import Schedule, TrainingSummary, resolve_liger, resolve_optimizer, run_trainer
 
 log = logging.getLogger(__name__)
 PREFLIGHT_FILE = "preflight.json"
@@ -129,6 +138,7 @@ def mean_token_loss(model, rows: list[dict], pad_token_id: int, batch_size: int 
 
 
 def train_stage(stage: str, params: Params) -> StageResult:
+    import torch
     from transformers import set_seed
 
     from tasks.core.chain import base_with_chain, merged_chain_for
@@ -137,6 +147,7 @@ def train_stage(stage: str, params: Params) -> StageResult:
     if stage not in params.train.stages:
         raise ConfigError(f"train: no stage {stage!r} in train.stages ({', '.join(params.stage_names)})")
     spec = params.train.stages[stage]
+    on_gpu = torch.cuda.is_available()
     info = BaseInfo.load()
     tokenizer = load_tokenizer(info)
     chain = merged_chain_for(spec.init_from, params.train.chain_policy)
@@ -155,16 +166,41 @@ def train_stage(stage: str, params: Params) -> StageResult:
         save_steps=params.train.checkpoint_every,
         packed=params.train.packing,
         gradient_checkpointing=params.train.gradient_checkpointing,
+        optimizer=resolve_optimizer(params.train.optimizer, on_gpu),
+        liger_kernels=resolve_liger(params.train.liger_kernels, on_gpu),
     )
     log.info("train@%s from %s: %d trainable parameters, %d steps", stage, spec.init_from, trainable, spec.max_steps)
     workdir = paths.checkpoint_dir(stage, run_key(stage, params))
     rows = read_packed_rows(stage) if params.train.packing else read_rows(stage, "train")
-    summary = run_trainer(model, rows, schedule, tokenizer.pad_token_id, workdir)
-    shutil.rmtree(paths.CHECKPOINTS_DIR / stage, ignore_errors=True)  # done: nothing left to resume
-    eval_loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id)
-    result = StageResult(stage, spec.init_from, trainable, eval_loss, summary, chain)
-    save_stage(model, result, params)
+    with live_run(stage, params, workdir) as run:
+        summary = run_trainer(model, rows, schedule, tokenizer.pad_token_id, workdir,
+                              on_step=run.log_step if run else None)
+        if is_main_process():  # the processes share one checkpoints folder
+            shutil.rmtree(paths.CHECKPOINTS_DIR / stage, ignore_errors=True)  # done: nothing left to resume
+        eval_loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id)
+        result = StageResult(stage, spec.init_from, trainable, eval_loss, summary, chain)
+        save_stage(model, result, params)
+        if run:
+            run.finish(json.loads(paths.train_metrics(stage).read_text()),
+                       paths.adapter_dir(stage) / "adapter_model.safetensors")
     return result
+
+
+@contextmanager
+def live_run(stage: str, params: Params, workdir):
+    """The stage's live MLflow run (None when `train.mlflow_live` is off): step and system metrics
+    while it trains, the stage's params, and the adapter's hash that `register` finds it by.
+    Under several processes only the main one logs."""
+    if not params.train.mlflow_live or not is_main_process():
+        yield None
+        return
+    from tasks.core.tracking import stage_params, stage_run
+
+    with stage_run(stage, params.register_.experiment, workdir, params.train.system_metrics,
+                   tags={"init_from": params.train.stages[stage].init_from}) as run:
+        if not run.resumed:
+            run.log_params(stage_params(stage, params))
+        yield run
 
 
 def run_key(stage: str, params: Params) -> str:
@@ -174,7 +210,8 @@ def run_key(stage: str, params: Params) -> str:
     digest = hashlib.sha256()
     settings = {"stage": spec.model_dump(), "lora": params.train.lora_for(stage).model_dump(),
                 "quantization": params.train.quantization, "policy": params.train.chain_policy, "seed": params.seed,
-                "packing": params.train.packing}
+                "packing": params.train.packing, "optimizer": params.train.optimizer,
+                "liger_kernels": params.train.liger_kernels, "processes": world_size()}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     inputs = [paths.packed_file(stage) if params.train.packing else paths.prepared_file(stage, "train")]
     if spec.init_from != "base":
@@ -185,7 +222,8 @@ def run_key(stage: str, params: Params) -> str:
 
 
 def preflight_stage(model, stage: str, params: Params) -> None:
-    """Report precision, trainable parts and memory before the first step; fail on problems."""
+    """Report precision, trainable parts and memory before the first step; fail on problems.
+    Every process checks (so each fails loudly); only the main one writes the report."""
     from tasks.core.preflight import check, run_preflight
 
     lora = params.train.lora_for(stage)
@@ -198,14 +236,20 @@ def preflight_stage(model, stage: str, params: Params) -> None:
         seq_len=params.prepare.max_length,
         memory_limit_bytes=int(limit * 2**30) if limit else None,
     )
-    write_json(paths.adapter_dir(stage) / PREFLIGHT_FILE, report.to_dict())
-    log.info("%s", report.summary())
+    if is_main_process():
+        write_json(paths.adapter_dir(stage) / PREFLIGHT_FILE, report.to_dict())
+        log.info("%s", report.summary())
     check(report)
 
 
 def save_stage(model, result: StageResult, params: Params) -> None:
+    """The stage's outputs, written once, by the main process when several trained it. Every
+    process must call it: under FSDP2 / ZeRO-3 the adapter is first gathered from their shards."""
+    state = gathered_adapter_state(model)  # None: the model holds its adapter whole (one process, DDP)
+    if not is_main_process():
+        return
     out = paths.adapter_dir(result.stage)
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, state_dict=state)
     info = {
         "stage": result.stage,
         "init_from": result.init_from,
@@ -213,11 +257,13 @@ def save_stage(model, result: StageResult, params: Params) -> None:
         "merged_chain": result.merged_chain,
         "quantization": params.train.quantization,
         "kind": params.data.stages[result.stage].kind,
+        "processes": world_size(),  # the global batch is batch_size x processes
     }
     write_json(out / STAGE_INFO_FILE, info)
     metrics = result.summary.metrics() | {
         "eval_loss": round(result.eval_loss, 6),
         "trainable_parameters": result.trainable_parameters,
+        "processes": world_size(),
     }
     write_json(paths.train_metrics(result.stage), metrics)
     history = paths.train_history(result.stage)
@@ -232,18 +278,35 @@ def train_task(stage: str, params: Params) -> StageResult:
 
 
 def main(argv: list[str] | None = None) -> int:
+    launched: list[int] = []  # exit code of `accelerate launch`, when this process only launched the workers
+
     def run(args) -> list[str]:
-        result = train_stage(args.stage, load_params(args.params))
+        params = load_params(args.params)
+        if params.train.launcher.kind == "accelerate" and not in_distributed_worker():
+            launched.append(relaunch(args.stage, args.params, params.train.launcher))
+            if launched[0]:
+                log.error("train@%s: accelerate launch exited %d; the workers' errors are above", args.stage, launched[0])
+            return []  # the workers printed the summary
+        rank, processes = process_rank(), world_size()
+        if processes > 1:
+            log.info("train@%s: process %d of %d", args.stage, rank, processes)
+        result = train_stage(args.stage, params)
         s = result.summary
+        if processes > 1:  # the same eval loss on every process shows the replicas stayed in sync
+            log.info("train@%s: process %d of %d done, eval loss %.6f", args.stage, rank, processes, result.eval_loss)
+        if not is_main_process():
+            return []
         return [
             f"train@{result.stage}: loss {s.first_loss:.3f} -> {s.last_loss:.3f} in {s.steps} steps, "
             f"eval loss {result.eval_loss:.3f}, {s.tokens_per_second:.0f} tokens/s"
+            + (f", {processes} processes" if processes > 1 else "")
         ]
 
-    return run_stage_cli(
+    status = run_stage_cli(
         "train", __doc__, run, argv, expected=(PreflightError,),
         add_arguments=lambda parser: parser.add_argument("stage", help="a stage name from train.stages"),
     )
+    return launched[0] if launched and status == 0 else status
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -61,7 +61,7 @@ def test_first_stage_trains_a_new_adapter_on_attention_and_experts(in_project):
     assert not any("mlp.gate." in k for k in tensors), "the router is not adapted by default"
     info = json.loads((paths.adapter_dir("embedding") / "stage.json").read_text())
     assert info == {"stage": "embedding", "init_from": "base", "policy": "continue", "merged_chain": [],
-                    "quantization": "none", "kind": "pretrain"}
+                    "quantization": "none", "kind": "pretrain", "processes": 1}
     history = [json.loads(line) for line in paths.train_history("embedding").read_text().splitlines()]
     assert history[0]["step"] == 1 and all(row["tokens_per_second"] > 0 for row in history)
     layers = tiny_params().model.tiny.num_hidden_layers
@@ -230,3 +230,67 @@ def test_merge_policy_never_merges_into_4bit_weights(in_project):
     model = base_with_chain(BaseInfo.load(), ["embedding"], "nf4")  # merged in full precision, then quantized
     assert any("parametrizations.gate_up_proj.original" in n for n, _ in model.named_parameters())
     assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_a_stage_logs_to_mlflow_while_it_trains(in_project, monkeypatch):
+    """One live run per stage: every logged step's metrics (with peak memory and router load),
+    the stage's params, system metrics, and the hash of the adapter it wrote."""
+    from mlflow import MlflowClient
+
+    from tasks.core import tracking
+
+    monkeypatch.setattr(tracking, "SYSTEM_METRICS_INTERVAL_S", 0.2)  # the tiny stage lasts about a second
+    seen: list[int] = []
+    original = tracking.StageRun.log_step
+    monkeypatch.setattr(tracking.StageRun, "log_step", lambda self, row: (seen.append(row["step"]), original(self, row)))
+    train_step.train_stage("embedding", tiny_params())
+    client = MlflowClient(tracking_uri=tracking.DEFAULT_TRACKING_URI)
+    runs = client.search_runs([client.get_experiment_by_name("stagewise").experiment_id],
+                              filter_string="attributes.run_name = 'train@embedding'", order_by=["attributes.start_time DESC"])
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    history = [json.loads(line) for line in paths.train_history("embedding").read_text().splitlines()]
+    assert seen == [row["step"] for row in history]  # logged as each step happened, not afterwards
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == seen
+    assert run.data.metrics["peak_memory_gib"] > 0 and 0 < run.data.metrics["router_entropy"] <= 1
+    assert run.data.params["learning_rate"] == str(tiny_params().train.stages["embedding"].learning_rate)
+    assert run.data.params["quantization"] == "none" and run.data.params["lora.r"] == "16"
+    assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
+    adapter = paths.adapter_dir("embedding") / "adapter_model.safetensors"
+    assert run.data.tags["adapter_sha256"] == tracking.file_sha256(adapter)
+    assert tracking.find_stage_run(client, run.info.experiment_id, "embedding", adapter) == run.info.run_id
+
+
+def test_paged_8bit_adamw_trains_the_adapter(in_project, monkeypatch):
+    """The GPU default optimizer (bitsandbytes' paged 8-bit AdamW; on CPU bitsandbytes runs it
+    unpaged) is the one the Trainer builds, and it trains."""
+    from transformers import Trainer
+
+    built: list[str] = []
+    create = Trainer.create_optimizer
+    monkeypatch.setattr(Trainer, "create_optimizer", lambda self: built.append(type(c := create(self)).__module__) or c)
+    params = tiny_params()
+    params = params.model_copy(update={"train": params.train.model_copy(update={"optimizer": "paged_adamw_8bit", "mlflow_live": False})})
+    result = train_step.train_stage("embedding", params)
+    assert built and built[0].startswith("bitsandbytes.optim")
+    assert result.summary.last_loss < result.summary.first_loss
+
+
+@pytest.mark.parametrize(
+    ("choice", "on_gpu", "expected"),
+    [("auto", True, "paged_adamw_8bit"), ("auto", False, "adamw_torch"), ("adamw_8bit", False, "adamw_8bit")],
+)
+def test_optimizer_choice(choice, on_gpu, expected):
+    from tasks.core.trainer import resolve_optimizer
+
+    assert resolve_optimizer(choice, on_gpu) == expected
+
+
+def test_liger_on_without_a_gpu_is_a_clear_error():
+    from tasks.core.config import ConfigError
+    from tasks.core.trainer import resolve_liger
+
+    assert resolve_liger("auto", on_gpu=False) is False
+    assert resolve_liger("off", on_gpu=True) is False
+    with pytest.raises(ConfigError, match="train.liger_kernels is on but this machine lacks a GPU"):
+        resolve_liger("on", on_gpu=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -171,7 +172,9 @@ def load_base_model(info: BaseInfo, quantization: str = "none") -> PreTrainedMod
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],
         )
-        kwargs["device_map"] = "auto" if on_gpu else "cpu"
+        # a 4-bit model cannot move after loading: under several processes each loads onto its own GPU
+        local_rank = os.environ.get("LOCAL_RANK")
+        kwargs["device_map"] = ({"": int(local_rank)} if local_rank else "auto") if on_gpu else "cpu"
     model = AutoModelForCausalLM.from_pretrained(info.name_or_path, **kwargs)
     if quantization == "nf4":
         from tasks.core.quantize import quantize_fused_experts
