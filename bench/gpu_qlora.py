@@ -1,0 +1,591 @@
+"""QLoRA on Qwen3-30B-A3B on one GPU: peak GPU memory and training tokens/s, no download.
+
+    python bench/gpu_qlora.py                                  # flagship, on the GPU; writes bench/results/gpu_qlora.json
+    python bench/gpu_qlora.py --steps 10 --warmup 2 --seq-len 2048 --batch-size 1 --out FILE.json
+    python bench/gpu_qlora.py --expert-rank 4                  # the experts' LoRA rank differs from attention's
+    python bench/gpu_qlora.py --estimate                       # the memory arithmetic only; builds nothing
+    python bench/gpu_qlora.py --config tiny --device cpu --steps 3   # same code path, tiny model, seconds on a CPU
+
+The model is Qwen3-30B-A3B-Base's architecture (config below) with random weights: it is built on
+the meta device, then each part is made real directly on the GPU and put in 4 bits at once, so
+building never holds more than one layer in 16 bits (a whole bf16 model would be ~61 GB). The
+layout is the production one (`tasks.core.modeling.load_base_model(info, "nf4")`): attention
+`Linear4bit` (NF4, double quantization), fused experts NF4 through `quantize_fused_experts`,
+embeddings / LM head / norms / router in bf16. LoRA comes from `params.yaml` `train.lora` (r 16,
+alpha 32, attention q/k/v/o and both expert stacks) through `tasks.train.peft_lora_config`; the
+expert rank is the same default r 16 unless `--expert-rank` says otherwise (peft `rank_pattern`,
+alpha scaled to keep alpha/r). Training: batch 1 x 2048 random tokens, non-reentrant gradient
+checkpointing, bf16 autocast, bitsandbytes `PagedAdamW8bit`; warmup steps are not timed.
+
+Memory arithmetic for the flagship at the default ranks (`--estimate` prints it; GB = 1e9 bytes):
+  resident, 4-bit   experts 28.99 B params x ~0.516 B (NF4 + double-quant stats)     14.96 GB
+                    attention 0.91 B params, same format                               0.47 GB
+  resident, bf16    embeddings + LM head 2 x 151936 x 2048, router, norms              1.27 GB
+  LoRA, r 16        experts 48 x 128 x 16 x (2 x 2048 + 3 x 768) = 629.1 M params,
+                    attention 13.4 M: 642.5 M fp32 params + fp32 grads (peft keeps
+                    adapters in fp32)                                                  5.14 GB
+  optimizer         8-bit AdamW, 2 bytes a param: 1.29 GB, paged (CUDA managed memory:
+                    evictable to the host, and not counted by torch.cuda.max_memory_allocated)
+  transient         logits at 2048 x 151936 (bf16, fp32 copy for the loss, its gradient) ~3.1 GB;
+                    one layer's experts dequantized with LoRA folded in, and that weight's
+                    gradient, during its recompute ~2.4 GB; checkpointed layer inputs ~0.4 GB
+Estimated peak allocated ~25.3 GB (23.6 GiB): weights ~16.7 GB, LoRA state ~5.1 GB, then the larger
+of the two transients (they do not overlap) and the checkpoints. So at r 16 on every expert the goal
+(peak <= 20 GiB) is not expected to hold; the run measures it (`goal.met` in the JSON). Unlike
+`tasks.train.attach_adapter`, no `prepare_model_for_kbit_training`: it would upcast embeddings, LM
+head, norms and router to fp32 (+1.27 GB here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel, Qwen3MoeConfig
+
+    from tasks.core.config import LoraConfig
+
+GOAL_PEAK_GIB = 20.0
+DEFAULT_OUT = PROJECT / "bench" / "results" / "gpu_qlora.json"
+GIB = 2**30
+# NF4 with double quantization: 4 bits a value, an 8-bit absmax per 64 values, an fp32 one per 256 of those.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+GPU_NEEDED = (
+    "bench/gpu_qlora.py: {what} needs a CUDA GPU and torch.cuda.is_available() is False here. "
+    "Run it on a machine with a GPU (the flagship needs ~17 GB for its 4-bit weights alone), or run the "
+    "same code path on a tiny model: python bench/gpu_qlora.py --config tiny --device cpu --steps 3"
+)
+
+
+class GpuRequired(RuntimeError):
+    """The run was asked for a GPU that this machine does not have."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """One benchmark run: which model, where, and the training shape."""
+
+    config_name: str
+    device: str
+    dtype_name: str  # "bf16" or "fp32": weights, 4-bit compute dtype and autocast
+    seq_len: int
+    batch_size: int
+    steps: int  # timed steps
+    warmup: int  # untimed steps before them
+    attention_rank: int
+    expert_rank: int
+    learning_rate: float = 2e-4
+    seed: int = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return torch.bfloat16 if self.dtype_name == "bf16" else torch.float32
+
+
+def flagship_config() -> Qwen3MoeConfig:
+    """Qwen3-30B-A3B-Base's architecture, written out so nothing is downloaded."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, moe_intermediate_size=768, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1,
+        mlp_only_layers=[], norm_topk_prob=True,  # as in the released config.json
+    )
+
+
+def tiny_config() -> Qwen3MoeConfig:
+    """The same architecture at a size a CPU trains in a second (experts still fused and top-k routed)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=4096,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1,
+        mlp_only_layers=[], norm_topk_prob=True,
+    )
+
+
+CONFIGS = {"flagship": flagship_config, "tiny": tiny_config}
+DEFAULT_SEQ_LEN = {"flagship": 2048, "tiny": 128}
+
+
+# --- building: meta skeleton, then each part real on the device and in 4 bits at once -------------
+
+
+def build_quantized_model(config: Qwen3MoeConfig, device: str, dtype: torch.dtype, seed: int) -> PreTrainedModel:
+    """The production nf4 layout with random weights, built so the device never holds a 16-bit model."""
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config)
+    std = config.initializer_range
+    materialise_full_precision(model.model.embed_tokens, device, dtype, std)
+    for layer in model.model.layers:
+        materialise_layer(layer, device, dtype, std)
+    materialise_full_precision(model.model.norm, device, dtype, std)
+    materialise_full_precision(model.lm_head, device, dtype, std)
+    with torch.device(device):  # its inv_freq buffers are computed, not initialised
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    model.is_loaded_in_4bit = True  # what load_in_4bit sets; peft picks its Linear4bit LoRA on it
+    require_materialised(model)
+    return model
+
+
+def materialise_layer(layer: nn.Module, device: str, dtype: torch.dtype, std: float) -> None:
+    """Linear layers become NF4 `Linear4bit`, fused experts NF4 parametrizations, the rest stays in `dtype`."""
+    from torch import nn
+
+    from tasks.core.quantize import fused_expert_modules, quantize_fused_experts
+
+    for name, module in list(layer.named_modules()):
+        if type(module) is nn.Linear:  # as transformers' replace_with_bnb_linear chooses
+            layer.set_submodule(name, quantized_linear(module, device, dtype, std))
+    for _, experts in fused_expert_modules(layer):
+        materialise_full_precision(experts, device, dtype, std)
+    quantize_fused_experts(layer)  # this layer's 16-bit experts are freed before the next exist
+    materialise_full_precision(layer, device, dtype, std)  # norms and router
+
+
+def quantized_linear(linear: nn.Linear, device: str, dtype: torch.dtype, std: float) -> nn.Module:
+    """A bitsandbytes NF4 `Linear4bit` (double quantization), as BitsAndBytesConfig(load_in_4bit) makes."""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    with torch.device("meta"):
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype,
+            compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8,
+        )
+    weight = torch.empty(linear.out_features, linear.in_features, device=device, dtype=dtype).normal_(0.0, std)
+    quantized.weight = bnb.nn.Params4bit(
+        weight, requires_grad=False, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8,
+        module=quantized,
+    ).to(device)  # quantizes on the way
+    if linear.bias is not None:
+        quantized.bias = nn.Parameter(torch.zeros(linear.out_features, device=device, dtype=dtype), requires_grad=False)
+    return quantized
+
+
+def materialise_full_precision(module: nn.Module, device: str, dtype: torch.dtype, std: float) -> None:
+    """Every parameter of `module` still on meta: real, frozen, initialised as transformers would."""
+    import torch
+    from torch import nn
+
+    for owner in module.modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            value = torch.empty(param.shape, device=device, dtype=dtype)
+            if name == "bias":
+                value.zero_()
+            elif value.ndim == 1:  # RMSNorm scales
+                value.fill_(1.0)
+            else:
+                value.normal_(0.0, std)
+            setattr(owner, name, nn.Parameter(value, requires_grad=False))
+
+
+def require_materialised(model: nn.Module) -> None:
+    """Fail now, not in the first forward, if any weight or buffer was left without storage."""
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{len(left)} tensors are still on the meta device after building, e.g. {left[:3]}")
+
+
+# --- LoRA ---------------------------------------------------------------------------------------
+
+
+def bench_lora_config(lora: LoraConfig, attention_rank: int) -> LoraConfig:
+    """The project's LoRA at the attention rank, alpha scaled so alpha/r (the update scale) is kept."""
+    return lora.model_copy(update={"r": attention_rank, "alpha": lora.alpha * attention_rank / lora.r})
+
+
+def attach_lora(model: PreTrainedModel, lora: LoraConfig, attention_rank: int, expert_rank: int) -> nn.Module:
+    """peft LoRA from the project's config; experts at their own rank through `rank_pattern`."""
+    from dataclasses import replace
+
+    from peft import get_peft_model
+
+    from tasks.train import peft_lora_config
+
+    cfg = bench_lora_config(lora, attention_rank)
+    peft_cfg = peft_lora_config(cfg, model)
+    if expert_rank != attention_rank:
+        # Parameter targets are matched by their full path, which these patterns end with.
+        pattern = {name: expert_rank for name in lora.target_parameters}
+        alphas = {name: cfg.alpha * expert_rank / attention_rank for name in lora.target_parameters}
+        peft_cfg = replace(peft_cfg, rank_pattern=pattern, alpha_pattern=alphas)
+    with warnings.catch_warnings():
+        # peft 0.21 checks patterns against module targets only and calls these unmatched although
+        # they are applied; check_lora_counts verifies that they were.
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+        return get_peft_model(model, peft_cfg)
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing: works with a frozen 4-bit base and LoRA inputs."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def build_for(settings: BenchSettings) -> PreTrainedModel:
+    """The 4-bit base for a run, from the named config."""
+    return build_quantized_model(CONFIGS[settings.config_name](), settings.device, settings.dtype, settings.seed)
+
+
+def adapt(model: PreTrainedModel, settings: BenchSettings, lora: LoraConfig) -> nn.Module:
+    """Checkpointing on, LoRA attached, training mode: the model the timed steps train."""
+    enable_checkpointing(model)
+    model = attach_lora(model, lora, settings.attention_rank, settings.expert_rank)
+    model.train()
+    return model
+
+
+def check_preflight(report: Any) -> None:
+    """The two silent QLoRA-on-MoE failures preflight exists for: full-precision experts, LoRA missing them."""
+    experts = report.parameters_by_part.get("experts", 0)
+    problems = []
+    if not experts or report.four_bit_by_part.get("experts", 0) != experts:
+        problems.append(f"experts are not all 4-bit: {report.four_bit_by_part.get('experts', 0):,} of {experts:,}")
+    for part in ("experts", "attention"):
+        if not report.trainable_by_part.get(part):
+            problems.append(f"LoRA does not reach the {part}")
+    if problems:
+        raise RuntimeError("benchmark model is not the production QLoRA layout: " + "; ".join(problems))
+
+
+def check_lora_counts(report: Any, config: Qwen3MoeConfig, settings: BenchSettings) -> None:
+    """The adapter has exactly the ranks asked for, so a rank pattern peft ignored cannot pass unseen."""
+    expected = lora_parameter_count(config, settings.attention_rank, settings.expert_rank)
+    found = {part: report.trainable_by_part.get(part, 0) for part in expected}
+    if found != expected:
+        raise RuntimeError(
+            f"LoRA parameters {found} differ from r {settings.attention_rank} attention / r {settings.expert_rank} "
+            f"experts ({expected}): peft did not apply the ranks as configured"
+        )
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, settings: BenchSettings) -> torch.optim.Optimizer:
+    """Paged 8-bit AdamW on the GPU (what train.optimizer: auto picks there), torch AdamW on a CPU."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if settings.device == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=settings.learning_rate)
+    return torch.optim.AdamW(params, lr=settings.learning_rate)
+
+
+def random_batch(vocab_size: int, settings: BenchSettings, generator: torch.Generator) -> torch.Tensor:
+    import torch
+
+    ids = torch.randint(0, vocab_size, (settings.batch_size, settings.seq_len), generator=generator)
+    return ids.to(settings.device)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, settings: BenchSettings) -> float:
+    """One full step on one batch; its loss as a float (reading it waits for the step to finish)."""
+    import torch
+
+    autocast = torch.autocast(settings.device, dtype=torch.bfloat16) if settings.dtype_name == "bf16" else nullcontext()
+    with autocast:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_steps(model: nn.Module, settings: BenchSettings) -> dict[str, Any]:
+    """Warmup steps, then timed steps; losses of all of them and the timed tokens/s."""
+    import torch
+
+    optimizer = make_optimizer(model, settings)
+    generator = torch.Generator().manual_seed(settings.seed)
+    vocab = model.config.vocab_size
+    losses = [train_step(model, optimizer, random_batch(vocab, settings, generator), settings) for _ in range(settings.warmup)]
+    batches = [random_batch(vocab, settings, generator) for _ in range(settings.steps)]  # made before the clock starts
+    synchronize(settings.device)
+    started = time.perf_counter()
+    losses += [train_step(model, optimizer, ids, settings) for ids in batches]
+    synchronize(settings.device)
+    seconds = time.perf_counter() - started
+    tokens = settings.steps * settings.batch_size * settings.seq_len
+    return {"losses": losses, "timed_seconds": seconds, "tokens_per_second": tokens / seconds,
+            "optimizer_state_gib": optimizer_state_bytes(optimizer) / GIB}
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state; for paged optimizers this lives outside the torch allocator's count."""
+    import torch
+
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+# --- memory and the report ----------------------------------------------------------------------
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    """Peak memory the torch allocator handed out since the last reset (GPU only)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
+
+
+def allocated_gib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.memory_allocated() / GIB if device == "cuda" else None
+
+
+def device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__}
+
+
+def lora_parameter_count(config: Qwen3MoeConfig, attention_rank: int, expert_rank: int) -> dict[str, int]:
+    """LoRA parameters by part: r x (in + out) per matrix; one r-rank pair per expert in each stack."""
+    h, heads, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    attention = attention_rank * ((h + heads * hd) * 2 + (h + kv * hd) * 2)  # q, o; k, v
+    experts = expert_rank * config.num_experts * (2 * h + 3 * config.moe_intermediate_size)  # gate_up (h + 2i), down (i + h)
+    layers = config.num_hidden_layers
+    return {"attention": attention * layers, "experts": experts * layers}
+
+
+def memory_estimate(config: Qwen3MoeConfig, attention_rank: int, expert_rank: int, tokens: int) -> dict[str, float]:
+    """The module docstring's arithmetic, in GB (1e9 bytes): what is resident and what comes and goes."""
+    h, inter, layers = config.hidden_size, config.moe_intermediate_size, config.num_hidden_layers
+    expert_params = layers * config.num_experts * 3 * h * inter
+    heads_dim = (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
+    attention_params = layers * 2 * h * heads_dim
+    bf16_params = 2 * config.vocab_size * h + layers * (config.num_experts * h + 2 * h + 2 * config.head_dim) + h
+    lora = sum(lora_parameter_count(config, attention_rank, expert_rank).values())
+    gb = 1e9
+    parts = {
+        "experts_nf4": expert_params * NF4_BYTES_PER_PARAM / gb,
+        "attention_nf4": attention_params * NF4_BYTES_PER_PARAM / gb,
+        "embeddings_router_norms_bf16": bf16_params * 2 / gb,
+        "lora_fp32_params_and_grads": lora * 8 / gb,
+        "logits_transient": tokens * config.vocab_size * (2 + 4 + 4) / gb,
+        "one_layer_experts_dequantized_and_grad": expert_params / layers * 2 * 2 / gb,
+        "checkpointed_layer_inputs": layers * tokens * h * 2 / gb,
+    }
+    # The logits are freed once the loss's backward is done, before the first layer is recomputed.
+    transients = ("logits_transient", "one_layer_experts_dequantized_and_grad")
+    parts["estimated_peak_allocated"] = (sum(v for k, v in parts.items() if k not in transients)
+                                         + max(parts[k] for k in transients))
+    parts["paged_8bit_adam_states_not_in_allocator"] = lora * 2 / gb
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
+def count_by(report_part: dict[str, int]) -> dict[str, Any]:
+    return {"total": sum(report_part.values()), "by_part": dict(report_part)}
+
+
+def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Build (measuring its peak), preflight, train (measuring its peak and speed); the trained model and the result."""
+    from tasks.core.preflight import run_preflight
+
+    reset_peak(settings.device)
+    model = build_for(settings)
+    build_peak, resident = peak_gib(settings.device), allocated_gib(settings.device)
+    model = adapt(model, settings, lora)
+    resident_with_lora = allocated_gib(settings.device)
+    report = run_preflight(model, "nf4", expects_experts=True, batch_size=settings.batch_size, seq_len=settings.seq_len)
+    check_preflight(report)
+    check_lora_counts(report, model.config, settings)
+    reset_peak(settings.device)
+    trained = run_steps(model, settings)
+    train_peak = peak_gib(settings.device)
+    config = model.config
+    result = {
+        "device": device_name(settings.device),
+        "config": settings.config_name,
+        "dtype": settings.dtype_name,
+        "seq_len": settings.seq_len,
+        "batch_size": settings.batch_size,
+        "steps": settings.steps,
+        "warmup_steps": settings.warmup,
+        "attention_rank": settings.attention_rank,
+        "expert_rank": settings.expert_rank,
+        "gradient_checkpointing": "non-reentrant",
+        "optimizer": "PagedAdamW8bit" if settings.device == "cuda" else "AdamW",
+        "experts_implementation": getattr(config, "_experts_implementation", None),
+        "attention_implementation": getattr(config, "_attn_implementation", None),
+        "trainable_parameters": count_by(report.trainable_by_part),
+        "four_bit_parameters": count_by(report.four_bit_by_part),
+        "peak_build_gib": build_peak,
+        "resident_after_build_gib": resident,
+        "resident_with_lora_gib": resident_with_lora,
+        "peak_train_gib": train_peak,
+        "optimizer_state_gib": trained["optimizer_state_gib"],
+        "tokens_per_second": trained["tokens_per_second"],
+        "timed_seconds": trained["timed_seconds"],
+        "losses": trained["losses"],
+        "loss_first": trained["losses"][0],
+        "loss_last": trained["losses"][-1],
+        "goal": {"peak_train_gib_at_most": GOAL_PEAK_GIB,
+                 "met": None if train_peak is None else train_peak <= GOAL_PEAK_GIB},
+        "expected_lora_parameters": lora_parameter_count(config, settings.attention_rank, settings.expert_rank),
+        "estimate_gb": memory_estimate(config, settings.attention_rank, settings.expert_rank,
+                                       settings.batch_size * settings.seq_len),
+        "versions": versions(),
+        "preflight": report.to_dict(),
+    }
+    return model, result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A few lines for people; the JSON has the rest."""
+    def gib(x: float | None) -> str:
+        return "n/a (no GPU)" if x is None else f"{x:.2f} GiB"
+
+    met = result["goal"]["met"]
+    goal = "not measured" if met is None else "met" if met else "NOT met"
+    trainable = result["trainable_parameters"]
+    parts = ", ".join(f"{k} {v:,}" for k, v in trainable["by_part"].items())
+    lines = [
+        (f"{result['config']} on {result['device']}: batch {result['batch_size']} x {result['seq_len']}, "
+         f"{result['warmup_steps']} warmup + {result['steps']} timed steps, "
+         f"LoRA r {result['attention_rank']} attention / r {result['expert_rank']} experts"),
+        f"  trainable {trainable['total']:,} ({parts}); 4-bit {result['four_bit_parameters']['total']:,}",
+        (f"  peak build {gib(result['peak_build_gib'])}, peak train {gib(result['peak_train_gib'])} "
+         f"(goal <= {GOAL_PEAK_GIB:g} GiB: {goal}); optimizer state {result['optimizer_state_gib']:.3f} GiB"),
+        f"  {result['tokens_per_second']:,.0f} tokens/s; loss {result['loss_first']:.4f} -> {result['loss_last']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def resolve_device(config_name: str, requested: str | None) -> str:
+    """cuda when asked for or available; the flagship only on a GPU (a CPU would take days)."""
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    device = requested or ("cuda" if has_gpu else "cpu")
+    if device == "cuda" and not has_gpu:
+        raise GpuRequired(GPU_NEEDED.format(what="--device cuda"))
+    if config_name == "flagship" and device != "cuda":
+        raise GpuRequired(GPU_NEEDED.format(what="the flagship config (Qwen3-30B-A3B)"))
+    return device
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="flagship")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--seq-len", type=int, default=None, help="default: 2048 (flagship), 128 (tiny)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--attention-rank", type=int, default=None, help="default: params.yaml train.lora.r")
+    parser.add_argument("--expert-rank", type=int, default=None, help="default: params.yaml train.lora.r")
+    parser.add_argument("--params", type=Path, default=PROJECT / "params.yaml")
+    parser.add_argument("--out", type=Path, default=None, help=f"default: {DEFAULT_OUT.relative_to(PROJECT)} for flagship")
+    parser.add_argument("--estimate", action="store_true", help="print the memory arithmetic and exit (no GPU needed)")
+    args = parser.parse_args(argv)
+    args.seq_len = args.seq_len or DEFAULT_SEQ_LEN[args.config]
+    ranks = [r for r in (args.attention_rank, args.expert_rank) if r is not None]
+    if args.steps < 1 or args.warmup < 0 or args.seq_len < 2 or args.batch_size < 1 or any(r < 1 for r in ranks):
+        parser.error("--steps, --seq-len (>= 2), --batch-size and the ranks must be positive; --warmup >= 0")
+    return args
+
+
+def settings_from(args: argparse.Namespace, lora: LoraConfig, device: str) -> BenchSettings:
+    return BenchSettings(
+        config_name=args.config, device=device, dtype_name=args.dtype or ("bf16" if device == "cuda" else "fp32"),
+        seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+        attention_rank=args.attention_rank or lora.r, expert_rank=args.expert_rank or lora.r,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.core.config import load_params
+
+    args = parse_args(argv)
+    lora = load_params(args.params).train.lora
+    if args.estimate:
+        config, ranks = CONFIGS[args.config](), (args.attention_rank or lora.r, args.expert_rank or lora.r)
+        estimate = {"attention_rank": ranks[0], "expert_rank": ranks[1],
+                    "lora_parameters": lora_parameter_count(config, *ranks),
+                    "gb": memory_estimate(config, *ranks, args.batch_size * args.seq_len)}
+        print(json.dumps(estimate, indent=2))
+        return 0
+    try:
+        device = resolve_device(args.config, args.device)
+    except GpuRequired as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    _, result = run_benchmark(settings_from(args, lora, device), lora)
+    print(summary(result))
+    out = args.out or (DEFAULT_OUT if args.config == "flagship" else None)
+    if out is None:
+        print(json.dumps(result, indent=2))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
