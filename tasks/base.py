@@ -110,10 +110,13 @@ def _corpus_stage(params: Params) -> str:
 
 
 def resolve_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
+    import dataclasses
+
     if params.model.name_or_path:
         info = resolve_external(params.model)
     else:
         info = build_tiny_base(params, out_dir)
+    info = dataclasses.replace(info, added_tokens=list(params.model.add_tokens))
     info.save(out_dir)
     return info
 

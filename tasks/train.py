@@ -71,27 +71,50 @@ def peft_lora_config(cfg: LoraConfig, model=None):
     targets = list(cfg.target_parameters)
     if model is not None and targets:
         targets = expand_target_parameters(model, targets)
+    tied = bool(model is not None and getattr(model.config, "tie_word_embeddings", False))
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         target_parameters=targets or None,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        # a tied embedding and LM head trained in full must stay one matrix
+        ensure_weight_tying=tied and bool(cfg.modules_to_save),
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
-def attach_adapter(model, stage: str, params: Params):
+EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
+
+
+def stage_lora(stage: str, params: Params, info) -> LoraConfig:
+    """The stage's LoRA settings; a first stage also trains the embeddings and LM head in full when
+    `model.add_tokens` gave the tokenizer tokens the base had no embedding for."""
+    from tasks.core.modeling import new_token_count
+
+    lora = params.train.lora_for(stage)
+    if params.train.stages[stage].init_from != "base" or not new_token_count(info):
+        return lora
+    extra = [m for m in EMBEDDING_MODULES if m not in lora.modules_to_save]
+    log.info("train@%s: new tokens %s: training %s in full", stage, info.added_tokens, ", ".join(extra) or "them")
+    return lora.model_copy(update={"modules_to_save": [*lora.modules_to_save, *extra]})
+
+
+def attach_adapter(model, stage: str, params: Params, info=None):
     """A new adapter (on the base, or under `merge` on the base with earlier adapters merged in),
     or under `continue` the previous stage's adapter loaded for more training."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    from tasks.core.modeling import BaseInfo
 
     spec = params.train.stages[stage]
     if params.train.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if spec.init_from == "base" or params.train.chain_policy == "merge":
-        return get_peft_model(model, peft_lora_config(params.train.lora_for(stage), model))
+        lora = stage_lora(stage, params, info or BaseInfo.load())
+        return get_peft_model(model, peft_lora_config(lora, model))
     previous = paths.adapter_dir(spec.init_from)
     if not (previous / "adapter_config.json").exists():
         raise FileNotFoundError(f"{previous} holds no adapter: run train@{spec.init_from} first")
@@ -152,7 +175,7 @@ def train_stage(stage: str, params: Params) -> StageResult:
     tokenizer = load_tokenizer(info)
     chain = merged_chain_for(spec.init_from, params.train.chain_policy)
     set_seed(params.seed)  # before the adapter exists: LoRA's initial weights come from this RNG
-    model = attach_adapter(base_with_chain(info, chain, params.train.quantization), stage, params)
+    model = attach_adapter(base_with_chain(info, chain, params.train.quantization), stage, params, info)
     preflight_stage(model, stage, params)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     schedule = Schedule(
@@ -213,7 +236,8 @@ def run_key(stage: str, params: Params) -> str:
                 "packing": params.train.packing, "optimizer": params.train.optimizer,
                 "liger_kernels": params.train.liger_kernels, "processes": world_size()}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    inputs = [paths.packed_file(stage) if params.train.packing else paths.prepared_file(stage, "train")]
+    inputs = [paths.BASE_DIR / "base.json",
+              paths.packed_file(stage) if params.train.packing else paths.prepared_file(stage, "train")]
     if spec.init_from != "base":
         inputs.append(paths.adapter_dir(spec.init_from) / "adapter_model.safetensors")
     for file in inputs:

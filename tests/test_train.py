@@ -294,3 +294,39 @@ def test_liger_on_without_a_gpu_is_a_clear_error():
     assert resolve_liger("off", on_gpu=True) is False
     with pytest.raises(ConfigError, match="train.liger_kernels is on but this machine lacks a GPU"):
         resolve_liger("on", on_gpu=False)
+
+
+def test_added_tokens_grow_the_embeddings_and_the_first_stage_trains_them(in_project, monkeypatch):
+    """model.add_tokens: the tokenizer gains the token, the base's embeddings grow to match, the
+    first stage saves the embeddings (modules_to_save) with its adapter, and later stages and
+    evaluation load that chain."""
+    import dataclasses
+
+    from tasks.core.chain import load_stage_model
+    from tasks.core.modeling import load_tokenizer, new_token_count
+
+    info = dataclasses.replace(BaseInfo.load(), added_tokens=["<tool_call>", "<think>"])  # <think> exists
+    monkeypatch.setattr(BaseInfo, "load", classmethod(lambda cls, directory=None: info))
+    assert new_token_count(info) == 1
+    tokenizer = load_tokenizer(info)
+    new_id = tokenizer.convert_tokens_to_ids("<tool_call>")
+    assert new_id == len(tokenizer) - 1
+    params = tiny_params()
+    params = params.model_copy(update={"train": params.train.model_copy(update={"mlflow_live": False})})
+    train_step.train_stage("embedding", params)
+    saved = lora_tensors("embedding")
+    embeddings = [k for k in saved if "embed_tokens" in k and "lora" not in k]
+    assert embeddings and saved[embeddings[0]].shape[0] == len(tokenizer)
+    preflight = json.loads((paths.adapter_dir("embedding") / "preflight.json").read_text())
+    assert preflight["trainable_by_part"]["embeddings"] >= len(tokenizer) * 64
+    train_step.train_stage("syntax", params)  # continue: the adapter with its embeddings loads and trains
+    model = load_stage_model(info, "syntax")
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert model(input_ids=torch.tensor([[1, new_id]])).logits.shape[-1] == len(tokenizer)
+
+
+def test_without_added_tokens_the_embeddings_stay_frozen(in_project):
+    from tasks.core.modeling import new_token_count
+
+    assert new_token_count(BaseInfo.load()) == 0
+    assert train_step.stage_lora("embedding", tiny_params(), BaseInfo.load()).modules_to_save == []

@@ -131,6 +131,10 @@ class ModelConfig(Strict):
     name_or_path: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    # Tokens the base's tokenizer lacks (e.g. <think>, </think> for a base without them). They are
+    # added to the tokenizer, the embeddings are resized, and the first stage (init_from: base)
+    # trains the embeddings and LM head in full (peft modules_to_save) so the new rows are learned.
+    add_tokens: list[str] = Field(default_factory=list)
     tiny: TinyModelConfig
 
 
@@ -203,6 +207,9 @@ class LoraConfig(Strict):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # Fused MoE expert weights are 3-D parameters, reachable only through peft's target_parameters.
     target_parameters: list[str] = Field(default_factory=list)
+    # Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head]; added
+    # automatically to the first stage when model.add_tokens added tokens.
+    modules_to_save: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _dropout_with_parameters(self) -> LoraConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -47,6 +47,8 @@ class BaseInfo:
     revision: str | None = None
     trust_remote_code: bool = False
     num_parameters: int | None = None
+    # model.add_tokens: appended to the tokenizer at every load, in this order, so ids are stable
+    added_tokens: list[str] = field(default_factory=list)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,27 @@ def load_tokenizer(info: BaseInfo) -> PreTrainedTokenizerBase:
     )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if info.added_tokens:
+        tok.add_tokens(list(info.added_tokens))  # tokens already in the vocabulary are skipped
     return tok
+
+
+def new_token_count(info: BaseInfo) -> int:
+    """How many of `model.add_tokens` the base's own tokenizer lacked (0: nothing to learn)."""
+    if not info.added_tokens:
+        return 0
+    plain = load_tokenizer(BaseInfo(**(asdict(info) | {"added_tokens": []})))
+    return len(load_tokenizer(info)) - len(plain)
+
+
+def fit_embeddings_to_tokenizer(model: PreTrainedModel, info: BaseInfo) -> None:
+    """Grow the embeddings (and LM head) to the tokenizer when `model.add_tokens` added tokens;
+    new rows start at the mean of the old ones, so the new tokens start as an average token."""
+    if not info.added_tokens:
+        return
+    size = len(load_tokenizer(info))
+    if model.get_input_embeddings().weight.shape[0] < size:
+        model.resize_token_embeddings(size, mean_resizing=True)
 
 
 def load_base_model(info: BaseInfo, quantization: str = "none") -> PreTrainedModel:
@@ -176,6 +198,7 @@ def load_base_model(info: BaseInfo, quantization: str = "none") -> PreTrainedMod
         local_rank = os.environ.get("LOCAL_RANK")
         kwargs["device_map"] = ({"": int(local_rank)} if local_rank else "auto") if on_gpu else "cpu"
     model = AutoModelForCausalLM.from_pretrained(info.name_or_path, **kwargs)
+    fit_embeddings_to_tokenizer(model, info)
     if quantization == "nf4":
         from tasks.core.quantize import quantize_fused_experts
 
