@@ -127,6 +127,36 @@ def log_validation(client, run_id: str) -> None:
         client.log_artifacts(run_id, str(paths.VALIDATION_DOCS_DIR), "validation/data_docs")
 
 
+def evaluation_metrics(scores: dict) -> dict[str, float]:
+    """Each stage's model on every eval set (`after.<stage>.<metric>`) and the forgetting figures
+    (`forgetting.<model>.<eval set>`: eval loss; `forgetting_change.<eval set>`: loss after the
+    last stage minus loss right after its own)."""
+    out = {f"after.{stage}.{k}": float(v) for stage, row in scores.get("after", {}).items() for k, v in row.items()}
+    out |= {f"forgetting.{row}.{col}": float(v) for row, cells in scores.get("forgetting", {}).items() for col, v in cells.items()}
+    out |= {f"forgetting_change.{k}": float(v) for k, v in scores.get("forgetting_change", {}).items()}
+    return out
+
+
+def log_evaluation(client, run_id: str, scores: dict) -> None:
+    """The forgetting matrix as an MLflow table and heatmap, and the sample generations as a
+    table a person can read next to the scores."""
+    from tasks.evaluation.forgetting import forgetting_rows
+
+    if scores.get("forgetting"):
+        client.log_table(run_id, data=_columns(forgetting_rows(scores["forgetting"])), artifact_file="evaluation/forgetting.json")
+    if paths.FORGETTING_HEATMAP.exists():
+        client.log_artifact(run_id, str(paths.FORGETTING_HEATMAP), "evaluation")
+    if paths.GENERATION_SAMPLES.exists():
+        rows = [json.loads(line) for line in paths.GENERATION_SAMPLES.read_text().splitlines() if line]
+        if rows:
+            client.log_table(run_id, data=_columns(rows), artifact_file="evaluation/generations.json")
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: [row.get(k) for row in rows] for k in keys}
+
+
 def data_metrics(report_file: Path = paths.DATA_REPORT) -> dict[str, float]:
     """metrics/data.json as flat MLflow metrics: `data.<stage>.<counter>` for every number in it
     (records, rows, tokens, counts per drop/change reason, packing efficiency)."""
@@ -175,6 +205,7 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
         for k, v in scores[model].items()
     ]
     score_metrics += [Metric(k, v, _now_ms(), 0) for k, v in data_metrics().items()]
+    score_metrics += [Metric(k, v, _now_ms(), 0) for k, v in evaluation_metrics(scores).items()]
     run_params = [Param(k, v) for k, v in flatten(raw).items()]
     for lo in range(0, max(len(run_params), len(score_metrics)), 100):  # MLflow caps a batch at 100 params
         client.log_batch(parent_id, metrics=score_metrics[lo : lo + 100], params=run_params[lo : lo + 100])
@@ -183,6 +214,7 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     if paths.DATA_REPORT.exists():
         client.log_artifact(parent_id, str(paths.DATA_REPORT), "metrics")
     log_validation(client, parent_id)
+    log_evaluation(client, parent_id, scores)
     stage_runs = {s: log_stage_run(client, experiment.experiment_id, parent_id, s, params) for s in params.stage_names}
 
     passed, reasons = check_gates(scores["final"], cfg.thresholds)

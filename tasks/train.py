@@ -139,25 +139,28 @@ def read_packed_rows(stage: str) -> list[dict]:
 
 
 def mean_token_loss(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) -> float:
-    """Loss averaged over trainable tokens (not over batches), so splits of any shape compare."""
+    """Loss averaged over trainable tokens (not over batches), so splits of any shape compare.
+    Batches shrink on out-of-memory instead of failing the stage."""
     import torch
 
     from tasks.core.trainer import PadCollator
+    from tasks.evaluation.batching import run_in_batches
 
     collate = PadCollator(pad_token_id)
-    total, count = 0.0, 0
+
+    def batch_loss(batch_rows) -> list[tuple[float, int]]:
+        batch = {k: v.to(model.device) for k, v in collate(list(batch_rows)).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        return [(float(loss), int((shift_labels != -100).sum()))]
+
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = {k: v.to(model.device) for k, v in collate(rows[i : i + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total += float(loss)
-            count += int((shift_labels != -100).sum())
-    return total / max(count, 1)
+        parts = run_in_batches(rows, batch_size, batch_loss)
+    return sum(total for total, _ in parts) / max(sum(count for _, count in parts), 1)
 
 
 def train_stage(stage: str, params: Params) -> StageResult:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.evaluate import extract_answer, parses_as_json
+from tasks.evaluation.answers import extract_answer
+from tasks.evaluation.structured import parses_as_json
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,28 @@ def test_training_beat_the_base_on_every_sft_stage(workspace):
         assert final < base, f"{stage}: final eval loss {final} is not below the base's {base}"
     assert 0.0 <= scores["final"]["syntax_json_valid"] <= 1.0
     assert 0.0 <= scores["final"]["thinking_exact_match"] <= 1.0
+    assert 0.0 <= scores["final"]["instructions_rouge_l"] <= 1.0 and scores["final"]["instructions_reply_count"] > 0
+    assert 0.0 <= scores["final"]["syntax_slot_f1"] <= 1.0  # the synthetic syntax targets are intent + slots
+
+
+def test_forgetting_matrix_has_every_model_on_every_eval_set(workspace):
+    """Rows: base and the model after each stage; each stage's model was scored by generation on
+    its own set; the matrix also lands as a `dvc plots` CSV, a heatmap and sample replies."""
+    import csv
+
+    scores = json.loads((workspace.root / "metrics" / "evaluate.json").read_text())
+    matrix = scores["forgetting"]
+    assert sorted(matrix) == sorted(["base", *STAGES]) and all(sorted(row) == sorted(STAGES) for row in matrix.values())
+    assert matrix["syntax"]["syntax"] < matrix["base"]["syntax"]  # the stage taught its own data
+    assert matrix["instructions"] == {s: scores["final"][f"{s}_eval_loss"] for s in STAGES}
+    assert "syntax_json_valid" in scores["after"]["syntax"] and "thinking_exact_match" not in scores["after"]["syntax"]
+    rows = list(csv.DictReader((workspace.root / "plots" / "forgetting.csv").open()))
+    assert [r["after"] for r in rows] == ["base", *STAGES]
+    assert (workspace.root / "reports" / "evaluation" / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
+    samples = [json.loads(line) for line in (workspace.root / "reports" / "evaluation" / "generations.jsonl").open()]
+    assert {s["model"] for s in samples} == {"base", "instructions"} and all(s["reference"] for s in samples)
+    shown = workspace.dvc("plots", "show", "--json").stdout
+    assert "forgetting.csv" in shown
 
 
 def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
@@ -82,6 +104,9 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
     assert all(r.data.tags.get("init_from") and r.data.tags.get("adapter_sha256") for r in children)
     assert parent.data.params["train.stages.syntax.max_steps"] == "30"
     assert "final.syntax_eval_loss" in parent.data.metrics
+    assert "forgetting.base.syntax" in parent.data.metrics and "after.thinking.thinking_exact_match" in parent.data.metrics
+    evaluation = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
+    assert {"evaluation/forgetting.json", "evaluation/forgetting.png", "evaluation/generations.json"} <= evaluation
     thinking = next(r for r in children if r.info.run_name == "train@thinking")
     history = client.get_metric_history(thinking.info.run_id, "loss")
     assert len(history) >= 2 and history[-1].value < history[0].value

@@ -309,6 +309,7 @@ class EvaluateConfig(Strict):
     batch_size: PositiveInt = 16
     max_generate: PositiveInt = 48  # eval records per generation metric
     max_new_tokens: PositiveInt = 64
+    samples: Annotated[int, Field(ge=0)] = 5  # replies per eval set kept for people to read (MLflow table)
 
 
 class RegisterConfig(Strict):

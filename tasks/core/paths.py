@@ -15,6 +15,10 @@ BASE_DIR = MODELS_DIR / "base"
 VALIDATION_DIR = Path("reports/validation")
 TRAIN_METRICS_DIR = Path("metrics/train")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
+EVALUATION_DIR = Path("reports/evaluation")
+FORGETTING_PLOT = Path("plots/forgetting.csv")  # `dvc plots show`: eval loss of each set after each stage
+FORGETTING_HEATMAP = EVALUATION_DIR / "forgetting.png"
+GENERATION_SAMPLES = EVALUATION_DIR / "generations.jsonl"  # a few replies per eval set, next to references
 REGISTRATION_REPORT = Path("reports/registration.json")
 
 SPLITS = ("train", "eval")
