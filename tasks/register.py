@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +28,11 @@ from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, load_params
 from tasks.core.records import write_json
+from tasks.core.lineage import data_lineage, eval_data_fingerprint, git_lineage, library_versions, model_lineage
+from tasks.core.promotion import ChampionScores, decide
 from tasks.core.tracking import ADAPTER_TAG, STAGE_TAG, configure_mlflow, file_sha256, find_stage_run, flatten, stage_params
 
+log = logging.getLogger(__name__)
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_gib")
 
 
@@ -42,41 +45,6 @@ class Registration:
     stage_run_ids: dict[str, str]
     gate_passed: bool
     gate_reasons: list[str] = field(default_factory=list)
-
-
-def check_gates(final: dict[str, float], thresholds: dict[str, float]) -> tuple[bool, list[str]]:
-    """Each threshold is a minimum on a final score; a missing score fails its gate."""
-    reasons = []
-    for metric, minimum in sorted(thresholds.items()):
-        value = final.get(metric)
-        if value is None:
-            reasons.append(f"{metric}: not measured (metrics/evaluate.json has no such score)")
-        elif value < minimum:
-            reasons.append(f"{metric}: {value:.4f} < {minimum}")
-    return not reasons, reasons
-
-
-def git_lineage() -> dict[str, str]:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
-
-
-def data_lineage(stages: list[str], lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
-    """md5 of each stage's prepared data, as DVC recorded it in dvc.lock."""
-    if not lock_file.exists():
-        return {}
-    lock = yaml.safe_load(lock_file.read_text()) or {}
-    tags = {}
-    for stage in stages:
-        for dep in lock.get("stages", {}).get(f"train@{stage}", {}).get("deps", []):
-            if dep.get("path") == str(paths.PREPARED_DIR / stage):
-                tags[f"data_md5.{stage}"] = dep.get("md5", "")
-    return tags
 
 
 def log_stage_run(client, experiment_id: str, parent_id: str, stage: str, params: Params) -> str:
@@ -190,6 +158,7 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     scores = json.loads(paths.EVALUATE_METRICS.read_text())
     lineage = git_lineage() | data_lineage(params.stage_names)
     lineage["params_md5"] = hashlib.md5(params_file.read_bytes()).hexdigest()
+    lineage["eval_data_sha256"] = eval_data_fingerprint(params.stage_names)
     run_tags = {"pipeline": "stagewise", **lineage}
     if os.environ.get("PREFECT__FLOW_RUN_ID"):
         run_tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
@@ -217,31 +186,77 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     log_evaluation(client, parent_id, scores)
     stage_runs = {s: log_stage_run(client, experiment.experiment_id, parent_id, s, params) for s in params.stage_names}
 
-    passed, reasons = check_gates(scores["final"], cfg.thresholds)
     final_run = stage_runs[params.train.final_stage]
     try:
         client.get_registered_model(cfg.model_name)
     except Exception:  # noqa: BLE001 - MLflow raises RestException / MlflowException by store
         client.create_registered_model(cfg.model_name)
-    from tasks.core.chain import chain_description
-
-    version_tags = lineage | {
-        "final_stage": params.train.final_stage,
-        "chain_policy": params.train.chain_policy,
-        "adapter_chain": chain_description(params.train.final_stage),
-        "gate": "passed" if passed else "failed",
+    champion = champion_scores(client, cfg.model_name, lineage["eval_data_sha256"])
+    decision = decide(scores["final"], cfg.thresholds, champion, cfg.champion_tolerance)
+    version_tags = version_lineage(params, lineage, stage_runs, parent_id) | {
+        "gate": "passed" if decision.promoted else "failed",
+        "gate_reasons": decision.summary,
+        "compared_with_champion": f"v{champion.version} ({champion.basis})" if champion else "none",
     }
-    version_tags |= {f"adapter_run.{s}": r for s, r in stage_runs.items()}
+    client.log_artifact(final_run, str(params_file), "config")  # the params themselves, next to the adapter
     version = client.create_model_version(
         cfg.model_name, source=f"runs:/{final_run}/adapter", run_id=final_run, tags=version_tags
     )
-    aliases = ["challenger"] + (["champion"] if passed else [])
+    aliases = ["challenger"] + (["champion"] if decision.promoted else [])
     for alias in aliases:
         client.set_registered_model_alias(cfg.model_name, alias, version.version)
+    log_model_card(client, final_run, params, scores, champion, decision, version_tags)
     client.set_tag(parent_id, "registered_version", version.version)
-    client.set_tag(parent_id, "gate_reasons", "; ".join(reasons) or "all thresholds passed")
+    client.set_tag(parent_id, "gate_reasons", decision.summary)
     client.set_terminated(parent_id)
-    return Registration(cfg.model_name, str(version.version), aliases, parent_id, stage_runs, passed, reasons)
+    return Registration(cfg.model_name, str(version.version), aliases, parent_id, stage_runs, decision.promoted,
+                        [] if decision.promoted else decision.reasons)
+
+
+def log_model_card(client, run_id: str, params: Params, scores: dict, champion: ChampionScores | None,
+                   decision, tags: dict[str, str]) -> None:
+    """README.md (and the forgetting heatmap it shows) in the version's `adapter/` artifacts."""
+    import shutil
+    import tempfile
+
+    from tasks.core.model_card import render_card
+
+    data_report = json.loads(paths.DATA_REPORT.read_text()) if paths.DATA_REPORT.exists() else {}
+    card = render_card(params.register_.model_name, params, scores, data_report, champion, decision, tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "README.md").write_text(card)
+        if paths.FORGETTING_HEATMAP.exists():
+            shutil.copy(paths.FORGETTING_HEATMAP, Path(tmp) / "forgetting.png")
+        client.log_artifacts(run_id, tmp, "adapter")
+
+
+def version_lineage(params: Params, lineage: dict[str, str], stage_runs: dict[str, str], parent_id: str) -> dict[str, str]:
+    """Every lineage tag of a version: code, data, params, base model, adapter chain, libraries."""
+    from tasks.core.chain import chain_description
+
+    final = params.train.final_stage
+    return lineage | model_lineage(final) | library_versions() | {
+        "final_stage": final,
+        "chain_policy": params.train.chain_policy,
+        "adapter_chain": chain_description(final),
+        "pipeline_run": parent_id,
+    } | {f"adapter_run.{s}": r for s, r in stage_runs.items()}
+
+
+def champion_scores(client, model_name: str, eval_data: str) -> ChampionScores | None:
+    """The current champion's final scores on the same eval sets: its stored scores when it was
+    evaluated on exactly this eval data; otherwise None (and the reason is logged), since scores
+    on other eval sets do not compare."""
+    try:
+        champion = client.get_model_version_by_alias(model_name, "champion")
+    except Exception:  # noqa: BLE001 - no champion yet
+        return None
+    if champion.tags.get("eval_data_sha256") != eval_data or "pipeline_run" not in champion.tags:
+        log.warning("champion v%s was evaluated on other eval data: its scores are not compared", champion.version)
+        return None
+    stored = client.get_run(champion.tags["pipeline_run"]).data.metrics
+    scores = {k.removeprefix("final."): v for k, v in stored.items() if k.startswith("final.")}
+    return ChampionScores(str(champion.version), scores, "same eval data, stored scores")
 
 
 @task(name="register")

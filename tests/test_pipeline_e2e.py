@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -125,6 +126,14 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
         assert version.tags[f"data_md5.{stage}"] == dep["md5"]
     assert version.tags["adapter_chain"] == "base + instructions"  # continue: one adapter carries all
     assert version.tags["chain_policy"] == "continue"
+    for tag in ("base_sha256", "adapter_sha256.instructions", "eval_data_sha256", "params_md5", "version.torch",
+                "version.peft", "pipeline_run", "gate_reasons", "compared_with_champion"):
+        assert version.tags.get(tag), tag
+    card_files = {a.path for a in client.list_artifacts(version.run_id, "adapter")}
+    assert {"adapter/README.md", "adapter/forgetting.png"} <= card_files
+    card = (Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="adapter/README.md",
+                                                     tracking_uri=workspace.env["MLFLOW_TRACKING_URI"]))).read_text()
+    assert "## Forgetting" in card and "## Stage plan" in card and version.tags["git_commit"] in card
     assert version.run_id == next(r.info.run_id for r in children if r.info.run_name == "train@instructions")
     registration = json.loads((workspace.root / "reports" / "registration.json").read_text())
     assert registration["version"] == str(version.version)
@@ -139,6 +148,15 @@ def test_changed_training_param_reruns_that_stage_and_downstream_only(workspace)
     workspace.write_params(params)
     out = workspace.dvc("repro")
     assert ran_stages(out.stdout) == ["train@thinking", "train@instructions", "evaluate", "register"]
+    # the new version was gated against the champion on the same eval sets (when there was one)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=workspace.env["MLFLOW_TRACKING_URI"])
+    versions = sorted(client.search_model_versions("name='stagewise-assistant'"), key=lambda v: int(v.version))
+    first, latest = client.get_model_version("stagewise-assistant", versions[0].version), versions[-1]
+    latest = client.get_model_version("stagewise-assistant", latest.version)
+    if first.tags["gate"] == "passed":
+        assert latest.tags["compared_with_champion"] == f"v{first.version} (same eval data, stored scores)"
     # ...and the flow then finds every stage up to date.
     assert flow_ran(workspace.flow().stdout) == []
 

@@ -3,25 +3,57 @@ which validation files go to which artifact path."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from tasks.core import paths
-from tasks.register import check_gates, data_lineage, data_metrics, flatten, log_validation
+from tasks.core.promotion import ChampionScores, decide
+from tasks.register import data_lineage, data_metrics, flatten, log_validation
+
+
+CHAMPION = ChampionScores("3", {"syntax_json_valid": 0.8, "thinking_exact_match": 0.30}, "same eval data")
 
 
 @pytest.mark.parametrize(
-    ("final", "thresholds", "passed", "reasons"),
+    ("final", "thresholds", "champion", "tolerance", "promoted", "reasons"),
     [
-        ({"syntax_json_valid": 0.9}, {"syntax_json_valid": 0.5}, True, []),
-        ({"syntax_json_valid": 0.5}, {"syntax_json_valid": 0.5}, True, []),  # the minimum itself passes
-        ({"syntax_json_valid": 0.4}, {"syntax_json_valid": 0.5}, False, ["syntax_json_valid: 0.4000 < 0.5"]),
-        ({}, {"thinking_exact_match": 0.1}, False, ["thinking_exact_match: not measured (metrics/evaluate.json has no such score)"]),
-        ({"a": 1.0}, {}, True, []),
+        ({"syntax_json_valid": 0.9}, {"syntax_json_valid": 0.5}, None, 0.0, True, ["all thresholds passed; no champion before"]),
+        ({"syntax_json_valid": 0.5}, {"syntax_json_valid": 0.5}, None, 0.0, True, None),  # the minimum itself passes
+        ({"syntax_json_valid": 0.4}, {"syntax_json_valid": 0.5}, None, 0.0, False, ["syntax_json_valid: 0.4000 < threshold 0.5"]),
+        ({}, {"thinking_exact_match": 0.1}, None, 0.0, False,
+         ["thinking_exact_match: not measured (metrics/evaluate.json has no such score)"]),
+        ({"a": 1.0}, {}, None, 0.0, True, None),
+        # against the champion: a regression beyond the tolerance blocks, within it passes
+        ({"syntax_json_valid": 0.7, "thinking_exact_match": 0.4}, {"syntax_json_valid": 0.5, "thinking_exact_match": 0.0},
+         CHAMPION, 0.05, False, ["syntax_json_valid: 0.7000 < champion v3's 0.8000 - tolerance 0.05"]),
+        ({"syntax_json_valid": 0.78, "thinking_exact_match": 0.3}, {"syntax_json_valid": 0.5, "thinking_exact_match": 0.0},
+         CHAMPION, 0.05, True, ["all thresholds passed; not worse than champion v3 (same eval data)"]),
+        # only gate metrics are compared with the champion
+        ({"syntax_json_valid": 0.9}, {"syntax_json_valid": 0.5}, CHAMPION, 0.0, True, None),
     ],
 )
-def test_gates(final, thresholds, passed, reasons):
-    assert check_gates(final, thresholds) == (passed, reasons)
+def test_promotion_gate(final, thresholds, champion, tolerance, promoted, reasons):
+    decision = decide(final, thresholds, champion, tolerance)
+    assert decision.promoted is promoted
+    if reasons is not None:
+        assert decision.reasons == reasons
+
+
+def test_model_card_has_scores_forgetting_data_plan_and_lineage():
+    from tasks.core.config import load_params
+    from tasks.core.model_card import render_card
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    scores = {"base": {"syntax_json_valid": 0.0}, "final": {"syntax_json_valid": 0.9},
+              "forgetting": {"base": {"syntax": 2.0}, "syntax": {"syntax": 0.5}}, "forgetting_change": {"syntax": 0.0}}
+    card = render_card("m", params, scores, {"syntax": {"train_rows": 10, "eval_rows": 2}}, CHAMPION,
+                       decide(scores["final"], {"syntax_json_valid": 0.5}, CHAMPION, 0.0), {"git_commit": "abc"})
+    assert "| syntax_json_valid | 0.0000 | 0.9000 | 0.8000 |" in card
+    assert "| syntax | 0.5000 |" in card and "forgetting.png" in card
+    assert "| syntax | sft | synthetic" in card and "| thinking | syntax |" in card
+    assert "`git_commit`: abc" in card and "promoted to `champion`" in card
 
 
 def test_flatten_gives_dotted_keys_and_json_lists():

@@ -317,6 +317,9 @@ class RegisterConfig(Strict):
     experiment: str = "stagewise"
     # Metric name (as in metrics/evaluate.json `final`) -> minimum value to become `champion`.
     thresholds: dict[str, float] = Field(default_factory=dict)
+    # A new version must also not fall below the current champion's score on any threshold metric
+    # by more than this (compared only when both were evaluated on the same eval data).
+    champion_tolerance: Annotated[float, Field(ge=0)] = 0.0
 
 
 class Params(Strict):
