@@ -175,3 +175,18 @@ def test_bad_override_fails_before_any_work(workspace):
     assert out.returncode != 0
     assert "train.stages.syntax.learning_rate" in out.stderr
     assert (workspace.root / "params.yaml").read_text() == before
+
+
+def test_report_compares_the_last_runs_side_by_side(workspace):
+    """After three pipeline runs with different params: one loss plot per stage with a line per
+    run, and one forgetting heatmap per run."""
+    import sys
+
+    out = workspace.run(sys.executable, "-m", "tasks.report", "--runs", "5", "--out", "reports/compare")
+    folder = workspace.root / "reports" / "compare"
+    runs = json.loads((folder / "runs.json").read_text())
+    assert len(runs) >= 3
+    for stage in STAGES:
+        assert (folder / f"loss_{stage}.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list(folder.glob("forgetting_*.png"))) == len(runs)
+    assert "report: reports/compare/loss_syntax.png" in out.stdout
