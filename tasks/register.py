@@ -28,6 +28,8 @@ from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, load_params
 from tasks.core.records import write_json
+from tasks.core.bundle import log_serving_bundle
+from tasks.export import export_metrics
 from tasks.core.lineage import data_lineage, eval_data_fingerprint, git_lineage, library_versions, model_lineage
 from tasks.core.promotion import ChampionScores, decide
 from tasks.core.tracking import ADAPTER_TAG, STAGE_TAG, configure_mlflow, file_sha256, find_stage_run, flatten, stage_params
@@ -175,11 +177,14 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     ]
     score_metrics += [Metric(k, v, _now_ms(), 0) for k, v in data_metrics().items()]
     score_metrics += [Metric(k, v, _now_ms(), 0) for k, v in evaluation_metrics(scores).items()]
+    score_metrics += [Metric(k, v, _now_ms(), 0) for k, v in export_metrics().items()]
     run_params = [Param(k, v) for k, v in flatten(raw).items()]
     for lo in range(0, max(len(run_params), len(score_metrics)), 100):  # MLflow caps a batch at 100 params
         client.log_batch(parent_id, metrics=score_metrics[lo : lo + 100], params=run_params[lo : lo + 100])
     client.log_artifact(parent_id, str(params_file), "config")
     client.log_artifact(parent_id, str(paths.EVALUATE_METRICS), "metrics")
+    if paths.EXPORT_METRICS.exists():
+        client.log_artifact(parent_id, str(paths.EXPORT_METRICS), "metrics")
     if paths.DATA_REPORT.exists():
         client.log_artifact(parent_id, str(paths.DATA_REPORT), "metrics")
     log_validation(client, parent_id)
@@ -202,6 +207,7 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     version = client.create_model_version(
         cfg.model_name, source=f"runs:/{final_run}/adapter", run_id=final_run, tags=version_tags
     )
+    log_serving_bundle(client, final_run)  # the base, for consumers of the registry alone (tasks/serve.py)
     aliases = ["challenger"] + (["champion"] if decision.promoted else [])
     for alias in aliases:
         client.set_registered_model_alias(cfg.model_name, alias, version.version)

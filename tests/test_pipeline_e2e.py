@@ -20,7 +20,8 @@ from tests.pipeline_workspace import PROJECT, Workspace, make_workspace, small_p
 pytestmark = pytest.mark.slow
 
 STAGES = ["embedding", "syntax", "thinking", "instructions"]
-ALL_DVC_STAGES = ["ingest", "base", "prepare", "validate", *[f"train@{s}" for s in STAGES], "evaluate", "register"]
+# The flow's order (flows/pipeline.py::stage_order); export and evaluate do not depend on each other.
+ALL_DVC_STAGES = ["ingest", "base", "prepare", "validate", *[f"train@{s}" for s in STAGES], "export", "evaluate", "register"]
 
 
 def ran_stages(dvc_output: str) -> list[str]:
@@ -147,7 +148,7 @@ def test_changed_training_param_reruns_that_stage_and_downstream_only(workspace)
     params["train"]["stages"]["thinking"]["learning_rate"] = 0.002
     workspace.write_params(params)
     out = workspace.dvc("repro")
-    assert ran_stages(out.stdout) == ["train@thinking", "train@instructions", "evaluate", "register"]
+    assert ran_stages(out.stdout) == ["train@thinking", "train@instructions", "evaluate", "export", "register"]
     # the new version was gated against the champion on the same eval sets (when there was one)
     from mlflow import MlflowClient
 
@@ -163,7 +164,7 @@ def test_changed_training_param_reruns_that_stage_and_downstream_only(workspace)
 
 def test_flow_override_is_recorded_in_params_and_reruns_downstream(workspace):
     out = workspace.flow("--set", "train.stages.instructions.max_steps=20")
-    assert flow_ran(out.stdout) == ["train@instructions", "evaluate", "register"]
+    assert flow_ran(out.stdout) == ["train@instructions", "export", "evaluate", "register"]
     text = (workspace.root / "params.yaml").read_text()
     assert yaml.safe_load(text)["train"]["stages"]["instructions"]["max_steps"] == 20
     assert ran_stages(workspace.dvc("repro").stdout) == []

@@ -322,6 +322,18 @@ class RegisterConfig(Strict):
     champion_tolerance: Annotated[float, Field(ge=0)] = 0.0
 
 
+class ExportConfig(Strict):
+    """The final model merged into one checkpoint, checked against the adapter chain (tasks/export.py)."""
+
+    # false: skip writing the merged copy (the flagship's is ~60 GB); register still runs.
+    enabled: bool = True
+    # Largest mean per-token KL(adapted || saved merged model) accepted on the held-out rows. bf16
+    # rounding measured ~1e-3 on the tiny MoE; one dropped expert or one layer's q_proj LoRA >= 0.05.
+    max_kl: PositiveFloat = 0.01
+    n_prompts: PositiveInt = 8  # eval rows per stage (the first ones of its eval split)
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # of the saved weights
+
+
 class Params(Strict):
     seed: int = 0
     data: DataConfig
@@ -331,6 +343,7 @@ class Params(Strict):
     train: TrainConfig
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -20,6 +20,12 @@ FORGETTING_PLOT = Path("plots/forgetting.csv")  # `dvc plots show`: eval loss of
 FORGETTING_HEATMAP = EVALUATION_DIR / "forgetting.png"
 GENERATION_SAMPLES = EVALUATION_DIR / "generations.jsonl"  # a few replies per eval set, next to references
 REGISTRATION_REPORT = Path("reports/registration.json")
+# The final model merged into one checkpoint (`export`). Not under models/: `evaluate` and
+# `export` depend on models/, and DVC refuses an output inside a stage's own dependency.
+EXPORT_DIR = Path("exports")
+MERGED_DIR = EXPORT_DIR / "merged"
+MERGE_INFO = MERGED_DIR / "merge.json"
+EXPORT_METRICS = Path("metrics/export.json")
 
 SPLITS = ("train", "eval")
 
