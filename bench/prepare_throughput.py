@@ -151,6 +151,8 @@ def main() -> None:
         "tokens_per_second": {"stagewise": round(tokens / ours_s), "baseline_num_proc_1": round(tokens / b1),
                               "baseline_num_proc_2": round(tokens / b2)},
         "speedup_vs_best_baseline": round(min(b1, b2) / ours_s, 2),
+        "seconds_per_run": {"stagewise": [round(t, 2) for t in ours], "baseline_num_proc_1": [round(t, 2) for t in base1],
+                            "baseline_num_proc_2": [round(t, 2) for t in base2]},
         "gsm8k_packing_efficiency_at_1024": report["thinking"]["packing"]["efficiency"],
         "dropped_or_changed": {stage: r["prepare"] for stage, r in report.items()},
         "runs": args.runs,

@@ -14,12 +14,17 @@ Per stage, in order:
 Everything dropped or changed goes to `data/prepared/<stage>/rejects.jsonl` (ingest's rejects are
 copied in first), and the counts per reason to `metrics/data.json`.
 
+Records are tokenized in a background thread as soon as nothing can drop them any more (the Rust
+tokenizer runs without the GIL, so it overlaps cleaning, dedupe and building rows here), rows are
+kept as columns, and Parquet is written by another thread. None of that changes the outputs.
+
     python -m tasks.prepare [--params params.yaml]
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -27,19 +32,34 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.core import paths
-from tasks.core.chat import Encoded, encode_chats, encode_texts
+from tasks.core.chat import IGNORE_INDEX, Encoded
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import DataStageSpec, Params, PrepareConfig, load_params
-from tasks.core.records import canonical_json, read_jsonl, split_of, write_json, write_jsonl
+from tasks.core.records import (
+    canonical_json,
+    read_jsonl,
+    split_of,
+    write_json,
+    write_jsonl,
+)
 from tasks.data.errors import Reject
+from tasks.data.tokenize_pool import Encoder, Located, StageFirstPool, encode_records
+
+if TYPE_CHECKING:
+    from tasks.data.decontaminate import NgramIndex
+    from tasks.data.packing import PackedColumns
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +75,7 @@ class Record:
 
     @functools.cached_property
     def plain_text(self) -> str:
-        """What dedupe and decontamination compare; read after cleaning, which is final by then."""
+        """What dedupe and decontamination compare; `clean_records` sets it once cleaning is final."""
         from tasks.data.clean import record_text
 
         return record_text(self.content)
@@ -98,32 +118,48 @@ class PreparedStage:
 # --- clean, dedupe, split -----------------------------------------------------------------------
 
 
-def clean_and_split(stage: str, spec: DataStageSpec, raw: list[dict], cfg: PrepareConfig, seed: int) -> StageData:
-    """Clean every record, drop duplicates, and split the rest by content hash."""
-    from tasks.data.clean import clean_record
-    from tasks.data.dedupe import find_duplicates
+def clean_records(stage: str, spec: DataStageSpec, raw: list[dict], cfg: PrepareConfig) -> tuple[StageData, list[Record]]:
+    """Every record cleaned (changes logged) and hashed, in input order, before dedupe."""
+    from tasks.data.clean import clean_record, may_change, record_text
 
     data = StageData(stage, spec)
     kept: list[Record] = []
     for obj in raw:
         origin = obj.get("origin") or {}
         record = Record({k: v for k, v in obj.items() if k != "origin"}, origin)
-        cleaned, reasons = clean_record(record.content, cfg.clean)
-        if cleaned != record.content:
-            data.reject(record, ",".join(reasons), "cleaned; the record kept is in the training data", "changed")
-            record.content = cleaned
-        elif reasons:  # reported but left as is (e.g. U+FFFD: the original character is unknowable)
-            data.counts.update(f"flagged.{r}" for r in reasons)
-        kept.append(record)
-    duplicates = find_duplicates([r.plain_text for r in kept], cfg.dedupe, seed)
-    for index, record in enumerate(kept):
-        if index in duplicates:
-            reason, original = duplicates[index]
-            data.reject(record, reason, f"duplicate of {kept[original].uri} {kept[original].where}")
-            continue
+        text = record_text(record.content)
+        if may_change(text, cfg.clean):
+            cleaned, reasons = clean_record(record.content, cfg.clean)
+            if cleaned != record.content:
+                data.reject(record, ",".join(reasons), "cleaned; the record kept is in the training data", "changed")
+                record.content = cleaned
+                text = record_text(cleaned)
+            elif reasons:  # reported but left as is (e.g. U+FFFD: the original character is unknowable)
+                data.counts.update(f"flagged.{r}" for r in reasons)
+        record.plain_text = text  # type: ignore[misc] - fills the cached property
         record.canonical = canonical_json(record.content)
         record.digest = hashlib.sha256(record.canonical.encode("utf-8")).hexdigest()  # = content_hash
+        kept.append(record)
+    return data, kept
+
+
+def dedupe_and_split(data: StageData, records: list[Record], cfg: PrepareConfig, seed: int) -> None:
+    """Drop duplicates (first occurrence kept) and split the rest by content hash."""
+    from tasks.data.dedupe import find_duplicates
+
+    duplicates = find_duplicates([r.plain_text for r in records], cfg.dedupe, seed)
+    for index, record in enumerate(records):
+        if index in duplicates:
+            reason, original = duplicates[index]
+            data.reject(record, reason, f"duplicate of {records[original].uri} {records[original].where}")
+            continue
         (data.eval if split_of(record.digest, cfg.eval_fraction) == "eval" else data.train).append(record)
+
+
+def clean_and_split(stage: str, spec: DataStageSpec, raw: list[dict], cfg: PrepareConfig, seed: int) -> StageData:
+    """Clean every record, drop duplicates, and split the rest by content hash."""
+    data, records = clean_records(stage, spec, raw, cfg)
+    dedupe_and_split(data, records, cfg, seed)
     return data
 
 
@@ -149,106 +185,271 @@ def benchmark_texts(path: str) -> list[str]:
     return texts
 
 
-def decontaminate(stages: list[StageData], cfg: PrepareConfig) -> None:
-    """Drop training records sharing an n-gram with any stage's eval split or a benchmark file."""
+def benchmark_set_texts(cfg: PrepareConfig) -> list[str]:
+    return [text for path in cfg.decontaminate.benchmark_files for text in benchmark_texts(path)]
+
+
+def decontaminate(stages: list[StageData], cfg: PrepareConfig, benchmarks: list[str] | None = None,
+                  suspects: list[set[int]] | None = None) -> None:
+    """Drop training records sharing an n-gram with any stage's eval split or a benchmark file.
+
+    `benchmarks`: the benchmark files' texts, when already read. `suspects`: per stage, the ids of
+    the only training records that can be contaminated (see `contamination_screen`); None: all.
+    """
     from tasks.data.decontaminate import NgramIndex
 
     dcfg = cfg.decontaminate
     if not dcfg.enabled:
         return
     held_out = [r.plain_text for data in stages for r in data.eval]
-    for path in dcfg.benchmark_files:
-        held_out += benchmark_texts(path)
+    held_out += benchmark_set_texts(cfg) if benchmarks is None else benchmarks
     index = NgramIndex.build(held_out, dcfg.ngram)
-    for data in stages:
-        hits = index.first_hits([r.plain_text for r in data.train])
-        for i, record in enumerate(data.train):
-            if i in hits:
-                data.reject(record, "contaminated", f"shares the {dcfg.ngram}-gram {hits[i]!r} with held-out text")
-        data.train = [r for i, r in enumerate(data.train) if i not in hits]
+    for i, data in enumerate(stages):
+        checked = [j for j, r in enumerate(data.train) if suspects is None or id(r) in suspects[i]]
+        found = index.first_hits([data.train[j].plain_text for j in checked])
+        hits = {checked[k]: ngram for k, ngram in found.items()}
+        for j, record in enumerate(data.train):
+            if j in hits:
+                data.reject(record, "contaminated", f"shares the {dcfg.ngram}-gram {hits[j]!r} with held-out text")
+        data.train = [r for j, r in enumerate(data.train) if j not in hits]
+
+
+def contamination_screen(cleaned: list[tuple[StageData, list[Record]]], cfg: PrepareConfig,
+                         benchmarks: list[str]) -> NgramIndex | None:
+    """An n-gram index over every record that can end up in an eval split (each whose hash says
+    eval, before dedupe) and the benchmarks: a superset of what `decontaminate` will index.
+
+    A training record with no n-gram in it cannot be contaminated, so it can be tokenized before
+    every stage is deduplicated; only the few that hit wait for `decontaminate`. None when
+    decontamination is off.
+    """
+    from tasks.data.decontaminate import NgramIndex
+
+    if not cfg.decontaminate.enabled:
+        return None
+    texts = [r.plain_text for _, records in cleaned for r in records if split_of(r.digest, cfg.eval_fraction) == "eval"]
+    return NgramIndex.build(texts + benchmarks, cfg.decontaminate.ngram)
 
 
 # --- encode ---------------------------------------------------------------------------------------
 
-
-def _encode(tokenizer, kind: str, records: list[Record]) -> list[Encoded]:
-    if kind == "pretrain":
-        return encode_texts(tokenizer, [r.content["text"] for r in records])
-    return encode_chats(tokenizer, [r.content["messages"] for r in records])
-
-
-def _fit(enc: Encoded, kind: str, cfg: PrepareConfig) -> tuple[list[Encoded], str | None]:
-    """Apply the length policy: the pieces to keep, or the reject reason."""
-    n, limit = len(enc.input_ids), cfg.max_length
+def _piece_bounds(n: int, trains: Callable[[int, int], bool], kind: str,
+                  cfg: PrepareConfig) -> tuple[list[tuple[int, int]], str | None]:
+    """The length policy on a record of n tokens: the [start, end) pieces to keep, and the note
+    (None, "split", "truncated" or "too_long"). `trains(a, b)`: whether tokens a..b hold a label."""
+    limit = cfg.max_length
     if n <= limit:
-        return [enc], None
+        return [(0, n)], None
     policy = cfg.pretrain_overflow if kind == "pretrain" else cfg.chat_overflow
     if policy == "drop":
         return [], "too_long"
     if policy == "truncate":
-        cut = Encoded(enc.input_ids[:limit], enc.labels[:limit])
-        return ([cut], "truncated") if cut.n_trainable else ([], "too_long")
+        return ([(0, limit)], "truncated") if trains(0, limit) else ([], "too_long")
     pieces = -(-n // limit)  # equal-size pieces: a long document never leaves a stub at its end
     bounds = [i * n // pieces for i in range(pieces + 1)]
-    return [Encoded(enc.input_ids[a:b], enc.labels[a:b]) for a, b in zip(bounds, bounds[1:])], "split"
+    return list(zip(bounds, bounds[1:])), "split"
 
 
-def _row(record: Record, enc: Encoded, split: str, stage: str, part: int | None, text: str) -> dict:
+def _fit(enc: Encoded, kind: str, cfg: PrepareConfig) -> tuple[list[Encoded], str | None]:
+    """Apply the length policy: the pieces to keep, or the reject reason."""
+    bounds, note = _piece_bounds(len(enc.input_ids), lambda a, b: Encoded([], enc.labels[a:b]).n_trainable > 0, kind, cfg)
+    if note is None:
+        return [enc], None
+    return [Encoded(enc.input_ids[a:b], enc.labels[a:b]) for a, b in bounds], note
+
+
+def _decode(tokenizer, ids: np.ndarray) -> str:
+    # A numpy array, not a list: `decode` turns it into a list with one `tolist`, where a list is
+    # first checked element by element (most of the cost of decoding a long piece).
+    return tokenizer.decode(ids)
+
+
+def _trains(labels: np.ndarray, start: int, a: int, b: int) -> bool:
+    return bool((labels[start + a : start + b] != IGNORE_INDEX).any())
+
+
+def _row_fields(record: Record, split: str, stage: str) -> dict[str, str]:
+    """The columns a record gives each of its rows, apart from tokens, hash and text."""
     messages = record.content.get("messages") or []
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     return {
-        "input_ids": enc.input_ids,
-        "labels": enc.labels,
-        "n_tokens": len(enc.input_ids),
-        "n_trainable": enc.n_trainable,
-        "trainable_share": enc.n_trainable / max(len(enc.input_ids), 1),
-        "content_hash": record.digest if part is None else f"{record.digest}:{part}",
         "split": split,
         "record_json": record.canonical or canonical_json(record.content),
         "source_stage": stage,
-        "text": text,
         "roles": ",".join(m["role"] for m in messages),
         "last_reply": replies[-1] if replies else "",
         "origin": f"{record.uri} {record.where}".strip(),
+        "source": str(record.origin.get("source", "")),
     }
 
 
-def encode_split(data: StageData, split: str, tokenizer, cfg: PrepareConfig) -> tuple[list[dict], list[str]]:
-    """Rows of one split after the length policy, and each row's source (for mixture weights);
-    drops go to the stage's rejects."""
+def split_rows(data: StageData, split: str, tokenizer, cfg: PrepareConfig,
+               encoded: dict[int, Located] | None = None) -> Rows:
+    """Rows of one split after the length policy; drops go to the stage's rejects.
+
+    `encoded` (record id -> its tokens, from `Encoder.finish`) saves tokenizing again.
+    """
     records = data.train if split == "train" else data.eval
     kind = data.spec.kind
-    rows: list[dict] = []
-    sources: list[str] = []
-    for record, enc in zip(records, _encode(tokenizer, kind, records)):
-        pieces, note = _fit(enc, kind, cfg)
+    encoded = encode_records(tokenizer, kind, records) if encoded is None else encoded
+    pieces: list[Located] = []
+    columns: dict[str, list[str]] = {name: [] for name in ROW_LISTS}
+    for record in records:
+        batch, index, start, end = encoded[id(record)]
+        n = end - start
+        bounds, note = _piece_bounds(n, functools.partial(_trains, batch.labels, start), kind, cfg)
         if note in ("too_long", "truncated"):
             action = "dropped" if note == "too_long" else "changed"
-            data.reject(record, note, f"{len(enc.input_ids)} tokens, over prepare.max_length={cfg.max_length}", action)
+            data.reject(record, note, f"{n} tokens, over prepare.max_length={cfg.max_length}", action)
         elif note == "split":
             data.counts["split_into_rows"] += 1
-        pieces = [p for p in pieces if len(p.input_ids) >= cfg.min_tokens]
-        if not pieces and note != "too_long":
-            data.reject(record, "too_short", f"{len(enc.input_ids)} tokens, under prepare.min_tokens={cfg.min_tokens}")
+        bounds = [(a, b) for a, b in bounds if b - a >= cfg.min_tokens]
+        if not bounds and note != "too_long":
+            data.reject(record, "too_short", f"{n} tokens, under prepare.min_tokens={cfg.min_tokens}")
             continue
-        whole = len(pieces) == 1 and note is None
-        for part, piece in enumerate(pieces):
-            text = enc.text if whole else tokenizer.decode(piece.input_ids)
-            rows.append(_row(record, piece, split, data.stage, None if whole else part, text))
-            sources.append(str(record.origin.get("source", "")))
-    return rows, sources
+        whole = len(bounds) == 1 and note is None
+        fields = _row_fields(record, split, data.stage)
+        for part, (a, b) in enumerate(bounds):
+            pieces.append((batch, index, start + a, start + b))
+            columns["content_hash"].append(record.digest if whole else f"{record.digest}:{part}")
+            columns["text"].append(batch.texts[index] if whole else _decode(tokenizer, batch.input_ids[start + a : start + b]))
+            for name, value in fields.items():
+                columns[name].append(value)
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum([b - a for _, _, a, b in pieces], out=offsets[1:])
+    return Rows(_concat([batch.input_ids[a:b] for batch, _, a, b in pieces]),
+                _concat([batch.labels[a:b] for batch, _, a, b in pieces]), offsets, **columns)
+
+
+def encode_split(data: StageData, split: str, tokenizer, cfg: PrepareConfig) -> tuple[list[dict], list[str]]:
+    """`split_rows` as one dict per row, and each row's source (for mixture weights)."""
+    rows = split_rows(data, split, tokenizer, cfg)
+    return rows.to_dicts(), rows.source
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+# The written columns that are one string per row, in `prepared_schema` order.
+STRING_COLUMNS = ("content_hash", "split", "record_json", "source_stage", "text", "roles", "last_reply", "origin")
+ROW_LISTS = (*STRING_COLUMNS, "source")
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A split's rows as columns: tokens flattened into int32 arrays (row i is
+    `offsets[i]:offsets[i + 1]`), the rest in lists, so building, weighting, replaying, packing and
+    writing millions of tokens creates no Python object per token. `to_dicts` is the row view.
+    """
+
+    input_ids: np.ndarray  # int32, every row's tokens one after another
+    labels: np.ndarray  # int32, IGNORE_INDEX where the token is not trained on
+    offsets: np.ndarray  # int64, len(rows) + 1
+    content_hash: list[str]
+    split: list[str]
+    record_json: list[str]
+    source_stage: list[str]  # the stage the row came from (differs for replayed rows)
+    text: list[str]
+    roles: list[str]
+    last_reply: list[str]
+    origin: list[str]
+    source: list[str]  # the row's source within its stage, for mixture weights; not written
+
+    @classmethod
+    def empty(cls) -> Rows:
+        return cls.concat([])
+
+    def __len__(self) -> int:
+        return len(self.content_hash)
+
+    @property
+    def n_tokens(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def n_trainable(self) -> np.ndarray:
+        trained = np.zeros(len(self.labels) + 1, dtype=np.int64)
+        np.cumsum(self.labels != IGNORE_INDEX, out=trained[1:])
+        return trained[self.offsets[1:]] - trained[self.offsets[:-1]]
+
+    def take(self, indices: Sequence[int]) -> Rows:
+        """The rows at `indices`, in that order (repeats allowed)."""
+        picked = np.asarray(indices, dtype=np.int64)
+        lengths = self.n_tokens[picked]
+        offsets = np.zeros(len(picked) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.arange(offsets[-1], dtype=np.int64) + np.repeat(self.offsets[:-1][picked] - offsets[:-1], lengths)
+        lists = {name: [getattr(self, name)[i] for i in picked.tolist()] for name in ROW_LISTS}
+        return Rows(self.input_ids[gather], self.labels[gather], offsets, **lists)
+
+    @staticmethod
+    def concat(parts: Sequence[Rows]) -> Rows:
+        offsets = np.zeros(sum(map(len, parts)) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate([p.n_tokens for p in parts] or [np.zeros(0, dtype=np.int64)]), out=offsets[1:])
+        lists = {name: [value for p in parts for value in getattr(p, name)] for name in ROW_LISTS}
+        return Rows(_concat([p.input_ids for p in parts]), _concat([p.labels for p in parts]), offsets, **lists)
+
+    @staticmethod
+    def take_across(parts: Sequence[Rows], indices: Sequence[int]) -> Rows:
+        """`Rows.concat(parts).take(indices)` without copying the rows that are not taken."""
+        picked = np.asarray(indices, dtype=np.int64)
+        bounds = np.cumsum([0] + [len(p) for p in parts])
+        part = np.searchsorted(bounds, picked, side="right") - 1
+        order = np.argsort(part, kind="stable")  # grouped by part, each group in request order
+        grouped = Rows.concat([p.take(picked[part == k] - bounds[k]) for k, p in enumerate(parts)])
+        return grouped.take(np.argsort(order))
+
+    def with_hashes(self, content_hash: list[str]) -> Rows:
+        return replace(self, content_hash=content_hash)
+
+    def table(self, schema):
+        """The rows as an Arrow table of `schema` (`prepare.prepared_schema`)."""
+        import pyarrow as pa
+
+        n_tokens, n_trainable = self.n_tokens, self.n_trainable
+        offsets = pa.array(self.offsets.astype(np.int32))
+        columns = {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.input_ids), type=schema.field("input_ids").type),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(self.labels), type=schema.field("labels").type),
+            "n_tokens": pa.array(n_tokens, type=pa.int64()),
+            "n_trainable": pa.array(n_trainable, type=pa.int64()),
+            "trainable_share": pa.array(n_trainable / np.maximum(n_tokens, 1), type=pa.float64()),
+        }
+        columns |= {name: pa.array(getattr(self, name), type=pa.string()) for name in STRING_COLUMNS}
+        return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+    def to_dicts(self) -> list[dict]:
+        """One dict per row with the written fields; token lists as Python lists."""
+        n_tokens, n_trainable = self.n_tokens.tolist(), self.n_trainable.tolist()
+        bounds = self.offsets.tolist()
+        rows = []
+        for i in range(len(self)):
+            lo, hi = bounds[i], bounds[i + 1]
+            rows.append({
+                "input_ids": self.input_ids[lo:hi].tolist(),
+                "labels": self.labels[lo:hi].tolist(),
+                "n_tokens": n_tokens[i],
+                "n_trainable": n_trainable[i],
+                "trainable_share": n_trainable[i] / max(n_tokens[i], 1),
+                **{name: getattr(self, name)[i] for name in STRING_COLUMNS},
+            })
+        return rows
 
 
 # --- mix: weights and replay --------------------------------------------------------------------
 
 
-def weighted_rows(rows: list[dict], sources: list[str], weights: dict[str, float], stage: str, seed: int) -> tuple[list[dict], Counter]:
-    """Apply each source's mixture weight to its training rows: w=2.5 keeps every row twice plus half
-    of them once more; copies get their own content_hash suffix (`~k`) so duplicates stay detectable."""
-    by_source: dict[str, list[dict]] = {}
-    for row, source in zip(rows, sources):
-        by_source.setdefault(source, []).append(row)
-    out, counts = [], Counter()
+def weight_plan(sources: list[str], weights: dict[str, float], stage: str, seed: int) -> tuple[list[tuple[int, int]], Counter]:
+    """Each source's mixture weight applied to its training rows: w=2.5 keeps every row twice plus
+    half of them once more. The (row index, copy number) of each row of the mix, and the counts."""
+    by_source: dict[str, list[int]] = {}
+    for index, source in enumerate(sources):
+        by_source.setdefault(source, []).append(index)
+    plan: list[tuple[int, int]] = []
+    counts: Counter = Counter()
     for source, group in by_source.items():
         weight = weights.get(source, 1.0)
         whole, frac = int(weight), weight - int(weight)
@@ -256,20 +457,41 @@ def weighted_rows(rows: list[dict], sources: list[str], weights: dict[str, float
         picked = sorted(rng.sample(range(len(group)), round(len(group) * frac))) if frac else []
         copies = [group] * whole + [[group[i] for i in picked]]
         for k, chunk in enumerate(c for c in copies if c):
-            out += [r if k == 0 else r | {"content_hash": f"{r['content_hash']}~{k}"} for r in chunk]
+            plan += [(index, k) for index in chunk]
         if change := sum(map(len, copies)) - len(group):
             counts["weight_added" if change > 0 else "weight_dropped"] += abs(change)
-    return out, counts
+    return plan, counts
+
+
+def weighted_rows(rows: list[dict], sources: list[str], weights: dict[str, float], stage: str, seed: int) -> tuple[list[dict], Counter]:
+    """`weight_plan` on row dicts; copies get their own content_hash suffix (`~k`) so duplicates
+    stay detectable."""
+    plan, counts = weight_plan(sources, weights, stage, seed)
+    return [rows[i] if k == 0 else rows[i] | {"content_hash": f"{rows[i]['content_hash']}~{k}"} for i, k in plan], counts
+
+
+def weight_rows(rows: Rows, weights: dict[str, float], stage: str, seed: int) -> tuple[Rows, Counter]:
+    """`weighted_rows` on columns."""
+    plan, counts = weight_plan(rows.source, weights, stage, seed)
+    if len(plan) == len(rows) and all(i == j and k == 0 for j, (i, k) in enumerate(plan)):
+        return rows, counts  # every weight 1 and the sources already grouped: nothing moves
+    mixed = rows.take([i for i, _ in plan])
+    return mixed.with_hashes([h if k == 0 else f"{h}~{k}" for h, (_, k) in zip(mixed.content_hash, plan)]), counts
+
+
+def replay_plan(stage: str, n_own: int, pool_size: int, share: float, seed: int) -> list[int]:
+    """Positions in the pool of earlier stages' training rows to replay so that `share` of the mix is replay."""
+    wanted = round(n_own * share / (1 - share)) if share else 0
+    if not pool_size or not wanted:
+        return []
+    rng = random.Random(f"{seed}:replay:{stage}")
+    return rng.sample(range(pool_size), min(wanted, pool_size))  # the positions sample(pool, k) takes
 
 
 def replay_rows(stage: str, own: list[dict], earlier: list[list[dict]], share: float, seed: int) -> list[dict]:
     """Rows sampled from earlier stages' training data so that `share` of the mix is replay."""
     pool = [row for rows in earlier for row in rows]
-    wanted = round(len(own) * share / (1 - share)) if share else 0
-    if not pool or not wanted:
-        return []
-    rng = random.Random(f"{seed}:replay:{stage}")
-    return rng.sample(pool, min(wanted, len(pool)))
+    return [pool[i] for i in replay_plan(stage, len(own), len(pool), share, seed)]
 
 
 # --- write ----------------------------------------------------------------------------------------
@@ -309,41 +531,46 @@ def packed_schema():
     ])
 
 
-def _column(values: list, type_):
-    """One Arrow column; integer lists go through numpy (`pa.array` on Python lists of lists is
-    about four times slower, and these columns are most of the bytes)."""
-    import itertools
-
+def _list_column(offsets, values, type_):
     import numpy as np
     import pyarrow as pa
 
-    if pa.types.is_list(type_) and pa.types.is_integer(type_.value_type):
-        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-        offsets = np.zeros(len(values) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter(itertools.chain.from_iterable(values), dtype=type_.value_type.to_pandas_dtype(),
-                           count=int(offsets[-1]))
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=type_)
-    return pa.array(values, type=type_)
+    return pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)),
+                                    pa.array(np.asarray(values, dtype=type_.value_type.to_pandas_dtype())), type=type_)
 
 
-def rows_table(rows: list[dict], schema):
+def packed_table(columns: PackedColumns):
+    """The packed rows' table, built from flat columns."""
     import pyarrow as pa
 
-    return pa.Table.from_arrays([_column([r[f.name] for r in rows], f.type) for f in schema], schema=schema)
+    schema = packed_schema()
+    tokens, seqs = columns.token_offsets, columns.seq_offsets
+    arrays = [
+        _list_column(tokens, columns.input_ids, schema.field("input_ids").type),
+        _list_column(tokens, columns.labels, schema.field("labels").type),
+        _list_column(tokens, columns.position_ids, schema.field("position_ids").type),
+        _list_column(seqs, columns.seq_lengths, schema.field("seq_lengths").type),
+        pa.ListArray.from_arrays(pa.array(seqs.astype("int32")), pa.array(columns.content_hashes, type=pa.string())),
+        pa.array(columns.n_tokens, type=pa.int64()),
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_rows(rows: list[dict], schema, path: Path) -> None:
+def pack_rows(train: Rows, row_length: int):
+    """Best-fit-decreasing packed rows of a prepared split, as a table, and their stats."""
+    from tasks.data.packing import pack_flat
+
+    columns, stats = pack_flat(train.offsets, train.input_ids, train.labels, train.content_hash, row_length)
+    return packed_table(columns), stats
+
+
+def write_table(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(rows_table(rows, schema), tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd")
     tmp.replace(path)
-
-
-def write_split(rows: list[dict], path: Path) -> None:
-    write_rows(rows, prepared_schema(), path)
 
 
 def _ingest_rejects(stage: str) -> list[dict]:
@@ -356,14 +583,14 @@ def _ingest_report(stage: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def stage_report(data: StageData, train: list[dict], eval_rows: list[dict], replayed: int, packing: dict | None) -> dict:
+def stage_report(data: StageData, train: Rows, eval_rows: Rows, replayed: int, packing: dict | None) -> dict:
     """The stage's line in metrics/data.json: what came in, what was lost and why, what goes on."""
     ingest = _ingest_report(data.stage)
     ingest_counts: Counter = Counter()
     for source in ingest.get("sources", []):
         ingest_counts.update({f"dropped.{k}": v for k, v in source.get("dropped", {}).items()})
         ingest_counts.update({f"repaired.{k}": v for k, v in source.get("repaired", {}).items()})
-    own = [r for r in train if r["source_stage"] == data.stage]
+    own = [stage == data.stage for stage in train.source_stage]
     return {
         "ingested_records": ingest.get("records"),
         "sources": [{k: s[k] for k in ("path", "preset", "records")} for s in ingest.get("sources", [])],
@@ -372,9 +599,9 @@ def stage_report(data: StageData, train: list[dict], eval_rows: list[dict], repl
         "train_rows": len(train),
         "train_rows_replayed": replayed,
         "eval_rows": len(eval_rows),
-        "train_tokens": sum(r["n_tokens"] for r in own),
-        "train_trainable_tokens": sum(r["n_trainable"] for r in own),
-        "eval_tokens": sum(r["n_tokens"] for r in eval_rows),
+        "train_tokens": int(train.n_tokens[own].sum()),
+        "train_trainable_tokens": int(train.n_trainable[own].sum()),
+        "eval_tokens": int(eval_rows.n_tokens.sum()),
         "packing": packing,
     }
 
@@ -382,48 +609,102 @@ def stage_report(data: StageData, train: list[dict], eval_rows: list[dict], repl
 # --- the step -------------------------------------------------------------------------------------
 
 
-def prepare_all(params: Params) -> list[PreparedStage]:
-    from tasks.core.modeling import BaseInfo, load_tokenizer
-    from tasks.data.packing import build_packed_rows
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for the step. Prepare holds hundreds of thousands of
+    containers (records, messages, rows) for its whole run, and every full collection walks them
+    and everything else the process has loaded (torch and transformers, under a flow): about a
+    second of a run here. Reference counting still frees everything; nothing here makes cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
-    cfg = params.prepare
+
+def clean_split_and_encode(raw_stages: list[tuple[str, DataStageSpec, list[dict]]], cfg: PrepareConfig, seed: int,
+                           encoder: Encoder) -> list[StageData]:
+    """Clean, dedupe, split and decontaminate every stage (what `clean_and_split` and
+    `decontaminate` do), handing each record to `encoder` as soon as nothing can drop it any more."""
+    cleaned = [clean_records(stage, spec, raw, cfg) for stage, spec, raw in raw_stages]
+    benchmarks = benchmark_set_texts(cfg) if cfg.decontaminate.enabled else []
+    screen = contamination_screen(cleaned, cfg, benchmarks)
+    stages, suspects = [], []
+    for data, records in cleaned:
+        dedupe_and_split(data, records, cfg, seed)
+        hits = screen.first_hits([r.plain_text for r in data.train]) if screen is not None else {}
+        suspects.append({id(data.train[i]) for i in hits})
+        encoder.start(data.stage, data.spec.kind, data.eval + [r for i, r in enumerate(data.train) if i not in hits])
+        stages.append(data)
+    decontaminate(stages, cfg, benchmarks, suspects)
+    for data, suspected in zip(stages, suspects):
+        encoder.start(data.stage, data.spec.kind, [r for r in data.train if id(r) in suspected])
+    return stages
+
+
+def prepare_all(params: Params) -> list[PreparedStage]:
+    """Every stage's prepared splits, packed rows, rejects and report line."""
+    from tasks.core.modeling import BaseInfo, load_tokenizer
+
     tokenizer = load_tokenizer(BaseInfo.load())
     started = time.perf_counter()
-    stages = [
-        clean_and_split(stage, spec, read_jsonl(paths.raw_file(stage)), cfg, params.seed)
-        for stage, spec in params.data.stages.items()
-    ]
-    decontaminate(stages, cfg)
-    results, report, own_train = [], {}, []
-    log.info("prepare: cleaned, deduplicated, split and decontaminated %d stages in %.1f s",
-             len(stages), time.perf_counter() - started)
+    tokenizing = StageFirstPool("prepare-tokenize")
+    writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-write")
+    try:
+        with _cyclic_gc_paused():
+            encoder = Encoder(tokenizer, tokenizing)
+            raw = [(stage, spec, read_jsonl(paths.raw_file(stage))) for stage, spec in params.data.stages.items()]
+            stages = clean_split_and_encode(raw, params.prepare, params.seed, encoder)
+            log.info("prepare: cleaned, deduplicated, split and decontaminated %d stages in %.1f s",
+                     len(stages), time.perf_counter() - started)
+            results = finish_stages(params, stages, encoder, writing)
+    finally:
+        tokenizing.shutdown()
+        writing.shutdown()
+    log.info("prepare: %d stages in %.1f s", len(stages), time.perf_counter() - started)
+    return results
+
+
+def finish_stages(params: Params, stages: list[StageData], encoder: Encoder, writing: Executor) -> list[PreparedStage]:
+    """Per stage, once its tokens are in: length policy, weights, replay, packing, files, report.
+
+    Parquet files are compressed and written in `writing` (pyarrow releases the GIL) while the next
+    stage's rows are built here.
+    """
+    cfg = params.prepare
+    results, report, own_train, writes = [], {}, [], []
     for data in stages:
         stage_started = time.perf_counter()
-        train, sources = encode_split(data, "train", tokenizer, cfg)
-        eval_rows, _ = encode_split(data, "eval", tokenizer, cfg)
-        encoded = time.perf_counter()
+        encoded = encoder.finish(data.stage)
+        train = split_rows(data, "train", encoder.tokenizer, cfg, encoded)
+        eval_rows = split_rows(data, "eval", encoder.tokenizer, cfg, encoded)
+        encoded_at = time.perf_counter()
         weights = {str(i): s.weight for i, s in enumerate(data.spec.sources)}
-        train, weight_counts = weighted_rows(train, sources, weights, data.stage, params.seed)
+        train, weight_counts = weight_rows(train, weights, data.stage, params.seed)
         data.counts.update(weight_counts)
-        replayed = replay_rows(data.stage, train, own_train, data.spec.replay_share, params.seed)
+        replay = replay_plan(data.stage, len(train), sum(map(len, own_train)), data.spec.replay_share, params.seed)
+        replayed = Rows.take_across(own_train, replay) if replay else Rows.empty()
         own_train.append(train)
-        train = train + replayed
+        train = Rows.concat([train, replayed]) if replay else train
         packing = None
         if cfg.packing.enabled:
-            packed, stats = build_packed_rows(train, cfg.packing.row_length or cfg.max_length, tokenizer.pad_token_id or 0)
-            write_rows(packed, packed_schema(), paths.packed_file(data.stage))
+            packed, stats = pack_rows(train, cfg.packing.row_length or cfg.max_length)
+            writes.append(writing.submit(write_table, packed, paths.packed_file(data.stage)))
             packing = stats.to_json()
-        write_split(train, paths.prepared_file(data.stage, "train"))
-        write_split(eval_rows, paths.prepared_file(data.stage, "eval"))
+        writes.append(writing.submit(write_table, train.table(prepared_schema()), paths.prepared_file(data.stage, "train")))
+        writes.append(writing.submit(write_table, eval_rows.table(prepared_schema()), paths.prepared_file(data.stage, "eval")))
         rejects = _ingest_rejects(data.stage) + [r.to_json() | {"step": "prepare"} for r in data.rejects]
         write_jsonl(paths.prepared_rejects(data.stage), rejects)
         report[data.stage] = stage_report(data, train, eval_rows, len(replayed), packing)
-        log.info("prepare: %s: encoded %d rows in %.1f s, mixed, packed and wrote them in %.1f s", data.stage,
-                 len(train) + len(eval_rows), encoded - stage_started, time.perf_counter() - encoded)
+        log.info("prepare: %s: %d rows encoded in %.1f s, mixed and packed in %.1f s (Parquet written in the background)",
+                 data.stage, len(train) + len(eval_rows), encoded_at - stage_started, time.perf_counter() - encoded_at)
         results.append(PreparedStage(data.stage, len(train) - len(replayed), len(eval_rows), len(rejects),
                                      len(replayed), packing and packing["efficiency"]))
+    for write in writes:
+        write.result()
     write_json(paths.DATA_REPORT, report)
-    log.info("prepare: %d stages in %.1f s", len(stages), time.perf_counter() - started)
     return results
 
 

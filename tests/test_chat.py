@@ -183,3 +183,137 @@ class TestFastPaths:
         assert renderer._template is None  # the probe disagreed: every call takes the slow path
         messages = CONVERSATIONS[list(CONVERSATIONS)[0]]
         assert renderer(messages) == render(unit_tokenizer, messages)
+
+
+MORE_CONVERSATIONS = {
+    "whitespace": [{"role": "user", "content": "  padded \n"}, {"role": "assistant", "content": "\n\nreply  \n"}],
+    "markup_in_content": [Q1, {"role": "assistant", "content": "<|im_end|>\n<|im_start|>user\nfake"}, Q2, A2],
+    "empty_system": [{"role": "system", "content": ""}, Q1, A1],
+    "assistant_runs": [Q1, A1, A2, Q2, THINK],
+    "placeholder_lookalike": [{"role": "user", "content": "{{ 1 }} {% raw %}"}, {"role": "assistant", "content": "\ue0001\ue001"}],
+}
+
+
+class TestSingleRenderSpans:
+    """Spans from one render per record (the template's skeleton filled in) are the prefix method's."""
+
+    @staticmethod
+    def prefix_method(renderer, messages):
+        text = renderer(messages)
+        return text, renderer.prefix_spans(messages, text)
+
+    @pytest.mark.parametrize("name", list(CONVERSATIONS) + list(MORE_CONVERSATIONS))
+    def test_same_spans_as_prefix_renders(self, unit_tokenizer, name):
+        from tasks.core.chat import ChatRenderer
+
+        renderer = ChatRenderer(unit_tokenizer)
+        assert renderer.single_render  # ChatML copies contents verbatim
+        messages = {**CONVERSATIONS, **MORE_CONVERSATIONS}[name]
+        assert renderer.spans(messages) == self.prefix_method(renderer, messages)
+
+    def test_one_render_per_record(self, unit_tokenizer, monkeypatch):
+        from tasks.core.chat import ChatRenderer
+
+        renderer = ChatRenderer(unit_tokenizer)
+        renderer.spans([Q1, A1, Q2, A2])  # learns the skeleton of this role sequence
+        calls = []
+        monkeypatch.setattr(renderer, "_direct", lambda m, g: calls.append(len(m)) or ChatRenderer._direct(renderer, m, g))
+        renderer.spans([Q1, A1, {"role": "user", "content": "Other?"}, {"role": "assistant", "content": "Yes."}])
+        assert calls == [4]
+
+    @staticmethod
+    def renderer_for(unit_tokenizer, template: str):
+        import copy
+
+        from tasks.core.chat import ChatRenderer
+
+        tok = copy.deepcopy(unit_tokenizer)
+        tok.chat_template = template
+        return ChatRenderer(tok)
+
+    def test_a_template_that_reformats_a_last_reply_never_takes_the_fast_path(self, unit_tokenizer):
+        # The final message is trimmed, the others are not: a record's full render can equal its
+        # skeleton while a prefix render (where an earlier reply is last) does not. The probes see it.
+        template = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{% if loop.last %}{{ m['content'] | trim }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+        renderer = self.renderer_for(unit_tokenizer, template)
+        assert not renderer.single_render
+        padded = [Q1, {"role": "assistant", "content": "padded "}, Q2, A2]
+        with pytest.raises(ValueError, match="prefix-consistently"):  # the reply is trimmed when it is last
+            self.prefix_method(renderer, padded)
+        forced = self.renderer_for(unit_tokenizer, template)
+        forced.single_render = True  # what skipping the probes would do: spans, where there are none
+        assert len(forced.spans(padded)[1]) == 2
+        for messages in [[Q1, A1, Q2, A2], padded, [Q1, A1]]:
+            try:
+                expected = self.prefix_method(renderer, messages)
+            except ValueError as exc:  # not prefix-consistent: both ways must say so
+                with pytest.raises(ValueError, match=str(exc)):
+                    renderer.spans(messages)
+            else:
+                assert renderer.spans(messages) == expected
+
+    def test_a_record_whose_render_is_not_its_skeleton_takes_the_prefix_method(self, unit_tokenizer, monkeypatch):
+        # Content-dependent markup no probe triggers: the fast path stays on, and the record's own
+        # render (compared with its filled-in skeleton) sends it to the prefix method.
+        template = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+            "{% if m['content'] == 'magic' %} (sic){% endif %}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+        renderer = self.renderer_for(unit_tokenizer, template)
+        assert renderer.single_render
+        magic = [{"role": "user", "content": "magic"}, {"role": "assistant", "content": "magic"}]
+        expected = {"magic": self.prefix_method(renderer, magic), "plain": self.prefix_method(renderer, [Q1, A1])}
+        fell_back = []
+        original = renderer.prefix_spans
+        monkeypatch.setattr(renderer, "prefix_spans", lambda m, t: fell_back.append(m) or original(m, t))
+        text, spans = renderer.spans(magic)
+        assert (text, spans) == expected["magic"] and fell_back == [magic]
+        assert [text[a:b] for a, b in spans] == ["magic (sic)<|im_end|>"]
+        assert renderer.spans([Q1, A1]) == expected["plain"] and fell_back == [magic]
+
+    def test_messages_with_other_keys_take_the_prefix_method(self, unit_tokenizer, monkeypatch):
+        from tasks.core.chat import ChatRenderer
+
+        renderer = ChatRenderer(unit_tokenizer)
+        named = [Q1, A1 | {"name": "bot"}]
+        expected = self.prefix_method(renderer, named)
+        fell_back = []
+        original = renderer.prefix_spans
+        monkeypatch.setattr(renderer, "prefix_spans", lambda m, t: fell_back.append(m) or original(m, t))
+        assert renderer.spans(named) == expected and fell_back == [named]
+
+
+class TestTokenBatch:
+    """Batched tokenization into flat arrays gives each text's encode_chat / encode_text."""
+
+    def test_chats(self, unit_tokenizer):
+        from tasks.core.chat import ChatRenderer, render_chats, tokenize_rendered
+
+        conversations = list(CONVERSATIONS.values()) + [[SYSTEM, Q1]]  # the last trains nothing
+        batch = tokenize_rendered(unit_tokenizer, render_chats(ChatRenderer(unit_tokenizer), conversations))
+        assert len(batch) == len(conversations) and batch.offsets[-1] == len(batch.input_ids) == len(batch.labels)
+        for i, messages in enumerate(conversations):
+            assert batch.encoded(i) == encode_chat(unit_tokenizer, messages)
+            assert batch.encoded(i).text == render(unit_tokenizer, messages)
+
+    def test_texts_end_with_the_marker(self, unit_tokenizer):
+        from tasks.core.chat import tokenize_texts
+
+        texts = ["The quick brown fox.", "", "Tom has 3 apples.<think>x</think>"]
+        batch = tokenize_texts(unit_tokenizer, texts)
+        assert [batch.encoded(i) for i in range(3)] == [encode_text(unit_tokenizer, t) for t in texts]
+        assert tokenize_texts(unit_tokenizer, []).encodings() == []
+
+    def test_empty_and_reversed_spans_label_nothing(self):
+        import numpy as np
+
+        from tasks.core.chat import _labels_in_spans
+
+        ids = np.arange(10, dtype=np.int32)
+        labels = _labels_in_spans(ids, [(2, 4), (6, 6), (8, 7), (3, 5)])
+        assert labels.tolist() == [IGNORE_INDEX] * 2 + [2, 3, 4] + [IGNORE_INDEX] * 5

@@ -149,3 +149,32 @@ class TestRecords:
         assert record_text({"text": "abc"}) == "abc"
         chat = {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}
         assert record_text(chat) == "Q?\nA."
+
+
+class TestMayChange:
+    """may_change is a safe shortcut: when it says no, clean_record returns the record as is."""
+
+    @pytest.mark.parametrize("cfg", [CleanConfig(), CleanConfig(remove_control_chars=False), CleanConfig(unicode_form="NFKC")])
+    def test_no_means_unchanged_and_unflagged(self, cfg):
+        import random
+
+        rng = random.Random(0)
+        alphabet = [chr(c) for c in range(128)] + ["\r", "\x85", "é", "e\u0301", "\ufffd", "ﬁ"]
+        for _ in range(3000):
+            contents = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(1, 3))]
+            record = {"messages": [{"role": "user", "content": c} for c in contents]}
+            if not clean.may_change(record_text(record), cfg):
+                assert clean_record(record, cfg) == (record, [])
+            if not clean.may_change(contents[0], cfg):
+                assert clean_text(contents[0], cfg) == (contents[0], [])
+
+    @pytest.mark.parametrize("text, cfg, expected", [
+        ("plain ascii\tand\nnewlines", CleanConfig(), False),
+        ("a\rb", CleanConfig(), True),
+        ("bell\x07", CleanConfig(), True),
+        ("bell\x07", CleanConfig(remove_control_chars=False), False),
+        ("café", CleanConfig(), True),  # not ASCII: normalisation has to look
+        ("plain", PII, True),  # scrubbing has to look
+    ])
+    def test_answers(self, text, cfg, expected):
+        assert clean.may_change(text, cfg) is expected

@@ -33,6 +33,16 @@ class TestTokens:
     def test_fast_path_gives_the_regex_words(self, text):
         assert [w.decode() for w in word_tokens(text)] == words(text)
 
+    def test_mixed_text_gives_the_regex_words(self):
+        # Non-ASCII text is cut at ASCII non-word characters first; the regex sees only the pieces
+        # holding a non-ASCII character. Dashes, no-break spaces, digits of other scripts, marks...
+        rng = random.Random(0)
+        pool = [chr(c) for c in range(0x250)] + list("\u00a0\u2003\u2013\u00ab\u0130\u00df\ufb01\u0301\u4e2d\u0660\u00b2\u2164_")
+        for _ in range(5000):
+            text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 25)))
+            assert word_tokens(text) == [w.encode() for w in words(text)], repr(text)
+        assert word_tokens("caf\u00e9 \ud800x") == [b"caf\xc3\xa9", b"x"]  # a lone surrogate: the regex path
+
 
 class TestNgramIndex:
     def test_hit_returns_the_first_shared_ngram(self):

@@ -58,6 +58,16 @@ class TestNormalizedKey:
     def test_non_ascii_casefold_matches(self):
         assert normalized_text("STRASSE «Café»") == normalized_text("straße café")
 
+    def test_mixed_text_gives_the_unicode_definition(self):
+        # Casefold, Unicode punctuation to spaces, split on Unicode whitespace: the fast path cuts at
+        # ASCII separators first and applies the definition only to pieces with non-ASCII characters.
+        rng = random.Random(0)
+        pool = [chr(c) for c in range(0x250)] + list("\u00a0\u2003\u3000\u0085\u2028\u2013\u00ab\u0130\u00df\ufb01\u0301\x1c")
+        for _ in range(5000):
+            text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 25)))
+            expected = " ".join(text.casefold().translate(dedupe._PUNCTUATION).split())
+            assert normalized_text(text) == expected, repr(text)
+
 
 class TestExact:
     def test_first_occurrence_kept(self):

@@ -156,3 +156,69 @@ class TestWork:
         lengths = gsm8k_lengths()
         pack_sequences(lengths, 1024)
         assert counts["bisect"] == len(lengths) and counts["insort"] <= len(lengths)
+
+
+def reference_best_fit(lengths: list[int], row_length: int) -> list[list[int]]:
+    """Best-fit decreasing spelt out: the fullest row that fits (lowest on ties), by scanning them all."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        length = lengths[index]
+        if length > row_length:
+            rows += [[index] for _ in range(-(-length // row_length))]
+            free += [0] * -(-length // row_length)
+            continue
+        fits = [r for r in range(len(rows)) if free[r] >= max(length, 1)]
+        if fits:
+            best = min(fits, key=lambda r: (free[r], r))
+            rows[best].append(index)
+            free[best] -= length
+        else:
+            rows.append([index])
+            free.append(row_length - length)
+    return rows
+
+
+class TestAgainstReference:
+    @pytest.mark.parametrize("seed", range(6))
+    def test_pack_sequences_is_best_fit_decreasing(self, seed):
+        rng = random.Random(seed)
+        row_length = rng.choice([1, 4, 16, 100])
+        lengths = [rng.choice([0, rng.randint(1, row_length), row_length, rng.randint(1, 3 * row_length)]) for _ in range(300)]
+        assert pack_sequences(lengths, row_length) == reference_best_fit(lengths, row_length)
+
+
+class TestPackFlat:
+    """The columnar packer gives build_packed_rows' rows exactly."""
+
+    @staticmethod
+    def as_rows(columns) -> list[dict]:
+        t, s = columns.token_offsets.tolist(), columns.seq_offsets.tolist()
+        return [{
+            "input_ids": columns.input_ids[t[i]:t[i + 1]].tolist(),
+            "labels": columns.labels[t[i]:t[i + 1]].tolist(),
+            "position_ids": columns.position_ids[t[i]:t[i + 1]].tolist(),
+            "seq_lengths": columns.seq_lengths[s[i]:s[i + 1]].tolist(),
+            "content_hashes": columns.content_hashes[s[i]:s[i + 1]],
+            "n_tokens": int(columns.n_tokens[i]),
+        } for i in range(len(t) - 1)]
+
+    @staticmethod
+    def flat(rows: list[dict]):
+        offsets = np.cumsum([0] + [len(r["input_ids"]) for r in rows])
+        ids = np.array([t for r in rows for t in r["input_ids"]], dtype=np.int32)
+        labels = np.array([t for r in rows for t in r["labels"]], dtype=np.int32)
+        return offsets, ids, labels, [r["content_hash"] for r in rows]
+
+    @pytest.mark.parametrize("row_length", [1, 4, 64, 1024])
+    def test_same_rows_and_stats(self, row_length):
+        rng = random.Random(row_length)
+        rows = make_rows([rng.choice([0, 1, rng.randint(1, 3 * row_length)]) for _ in range(200)], trained_from=1)
+        expected, expected_stats = build_packed_rows(rows, row_length, pad_id=0)
+        columns, stats = packing.pack_flat(*self.flat(rows), row_length)
+        assert self.as_rows(columns) == expected
+        assert stats == expected_stats
+
+    def test_empty(self):
+        columns, stats = packing.pack_flat(np.zeros(1, dtype=np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), [], 8)
+        assert self.as_rows(columns) == [] and stats == PackingStats(0, 0, 0, 8)

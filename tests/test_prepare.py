@@ -18,13 +18,18 @@ from tasks.core.config import PrepareConfig, load_params, parse_params
 from tasks.core.records import content_hash, read_jsonl, split_of, write_jsonl
 from tasks.prepare import (
     Record,
+    Rows,
     StageData,
     _fit,
     clean_and_split,
+    clean_split_and_encode,
     decontaminate,
     encode_split,
     prepare_all,
+    prepared_schema,
     replay_rows,
+    split_rows,
+    weight_rows,
     weighted_rows,
 )
 from tests.shared_data import SHARED_DATA
@@ -307,3 +312,156 @@ def test_base_pretrains_only_on_records_prepare_puts_in_train(tmp_path, monkeypa
     held_out = [t for t in everything if split_of(content_hash({"text": t}), params.prepare.eval_fraction) == "eval"]
     assert held_out and len(texts) == len(everything) - len(held_out)
     assert not set(held_out) & set(texts)
+
+
+def old_encode_split(data: StageData, split: str, tokenizer, cfg: PrepareConfig) -> list[dict]:
+    """The row-per-dict encode_split that split_rows replaced, kept as the reference it must match."""
+    from tasks.core.chat import encode_chats, encode_texts
+
+    records = data.train if split == "train" else data.eval
+    kind = data.spec.kind
+    encs = (encode_texts(tokenizer, [r.content["text"] for r in records]) if kind == "pretrain"
+            else encode_chats(tokenizer, [r.content["messages"] for r in records]))
+    rows = []
+    for record, enc in zip(records, encs):
+        pieces, note = _fit(enc, kind, cfg)
+        pieces = [p for p in pieces if len(p.input_ids) >= cfg.min_tokens]
+        if not pieces:
+            continue
+        whole = len(pieces) == 1 and note is None
+        messages = record.content.get("messages") or []
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        for part, piece in enumerate(pieces):
+            rows.append({
+                "input_ids": piece.input_ids, "labels": piece.labels, "n_tokens": len(piece.input_ids),
+                "n_trainable": piece.n_trainable, "trainable_share": piece.n_trainable / max(len(piece.input_ids), 1),
+                "content_hash": record.digest if whole else f"{record.digest}:{part}", "split": split,
+                "record_json": json.dumps(record.content, ensure_ascii=False, sort_keys=True, separators=(",", ":")),
+                "source_stage": data.stage, "text": enc.text if whole else tokenizer.decode(piece.input_ids),
+                "roles": ",".join(m["role"] for m in messages), "last_reply": replies[-1] if replies else "",
+                "origin": f"{record.uri} {record.where}".strip(),
+            })
+    return rows
+
+
+class TestColumnarRows:
+    """split_rows, Rows and the column-wise mix give what the row-per-dict code gave."""
+
+    @pytest.fixture
+    def rows(self, unit_tokenizer) -> Rows:
+        records = [chat(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(12)]
+        sources = [0, 0, 1, 0, 2, 1, 1, 0, 2, 2, 0, 1]
+        data = StageData("syntax", SPECS["syntax"], train=[
+            Record(r, {"source": s, "where": f"line {i}"}, content_hash(r)) for i, (r, s) in enumerate(zip(records, sources))])
+        return split_rows(data, "train", unit_tokenizer, PrepareConfig(max_length=100))
+
+    @pytest.mark.parametrize("kind, policy", [("pretrain", "split"), ("pretrain", "truncate"), ("sft", "truncate"), ("sft", "drop")])
+    def test_split_rows_match_the_row_dicts(self, unit_tokenizer, kind, policy):
+        key = "pretrain_overflow" if kind == "pretrain" else "chat_overflow"
+        cfg = PrepareConfig(max_length=12, min_tokens=3, **{key: policy})
+        if kind == "pretrain":
+            contents = [{"text": " ".join(["The quick brown fox."] * n)} for n in (1, 2, 5, 9)] + [{"text": "a"}]
+        else:
+            contents = [chat("What is 2+2?", "It is 4."), chat("Q", " ".join(["fox"] * 30)), chat(" ".join(["the dog"] * 20), "ok")]
+        records = [Record(c, {"source": 0, "uri": "u", "where": f"line {i}"}, content_hash(c)) for i, c in enumerate(contents)]
+        spec = SPECS["embedding"] if kind == "pretrain" else SPECS["syntax"]
+        data, reference = StageData("s", spec, train=records), StageData("s", spec, train=records)
+        rows = split_rows(data, "train", unit_tokenizer, cfg)
+        assert rows.to_dicts() == old_encode_split(reference, "train", unit_tokenizer, cfg)
+        assert rows.table(prepared_schema()).to_pylist() == rows.to_dicts()
+        assert encode_split(StageData("s", spec, train=records), "train", unit_tokenizer, cfg)[0] == rows.to_dicts()
+
+    def test_take_concat_and_take_across(self, rows):
+        dicts = rows.to_dicts()
+        assert rows.take([3, 0, 3, 11]).to_dicts() == [dicts[i] for i in (3, 0, 3, 11)]
+        halves = [rows.take(range(5)), rows.take(range(5, 12))]
+        assert Rows.concat(halves).to_dicts() == dicts
+        assert Rows.take_across(halves, [7, 1, 11, 0, 7]).to_dicts() == [dicts[i] for i in (7, 1, 11, 0, 7)]
+        assert len(Rows.empty()) == 0 and Rows.concat([Rows.empty(), rows]).to_dicts() == dicts
+
+    @pytest.mark.parametrize("weights", [{}, {"0": 0.5, "1": 2.5}, {"2": 0.0, "1": 1.5}])
+    def test_weight_rows_matches_weighted_rows(self, rows, weights):
+        mixed, counts = weight_rows(rows, weights, "syntax", seed=3)
+        expected, expected_counts = weighted_rows(rows.to_dicts(), rows.source, weights, "syntax", seed=3)
+        assert mixed.to_dicts() == expected and counts == expected_counts
+
+    @pytest.mark.parametrize("pool_size, share", [(5, 0.3), (40, 0.3), (400, 0.5), (3, 0.9)])
+    def test_replay_takes_what_sample_of_the_pool_took(self, pool_size, share):
+        own = [{"id": f"own{i}"} for i in range(30)]
+        earlier = [[{"id": f"a{i}"} for i in range(pool_size // 2)], [{"id": f"b{i}"} for i in range(pool_size - pool_size // 2)]]
+        pool = [row for rows in earlier for row in rows]
+        wanted = round(len(own) * share / (1 - share))
+        assert replay_rows("thinking", own, earlier, share, 7) == random.Random("7:replay:thinking").sample(pool, min(wanted, len(pool)))
+
+
+class RecordingEncoder:
+    """Stands in for prepare's Encoder: notes which records are handed over, and when."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, list[Record]]] = []
+
+    def start(self, stage: str, kind: str, records: list[Record]) -> None:
+        self.calls.append((stage, list(records)))
+
+
+def with_split(make, split: str, fraction: float) -> dict:
+    """The first record make(i) gives whose content hash puts it in `split`."""
+    return next(r for i in range(1000) if split_of(content_hash(r := make(i)), fraction) == split)
+
+
+class TestScreenedPipeline:
+    """clean_split_and_encode: what clean_and_split + decontaminate give, and only final records tokenized."""
+
+    def test_same_stages_and_no_dropped_record_is_encoded(self):
+        cfg = PARAMS.prepare.model_copy(update={"eval_fraction": 0.5})
+        leak = "the quick brown fox jumps over the lazy dog near the old river bank today"
+        twin = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+        held = with_split(lambda i: chat(f"Story {i}: {leak}", "ok"), "eval", 0.5)
+        # A later duplicate that would be eval if it survived dedupe: only the screen sees its n-grams.
+        first = with_split(lambda i: chat(f"Count {i}: {twin}", "done"), "train", 0.5)
+        second = with_split(lambda i: chat(first["messages"][0]["content"].upper(), "DONE" + "!" * i), "eval", 0.5)
+        b = [raw(held, 0), raw(first, 1), raw(second, 2)]
+        leaky, counting, hello = (with_split(lambda i, q=q, a=a: chat(q + "?" * i, a), "train", 0.5)
+                                  for q, a in (("Tell me", leak), ("Now count", twin), ("Hello", "there")))
+        a = [raw(leaky, 0), raw(counting, 1), raw(hello, 2)]
+        raw_stages = [("syntax", SPECS["syntax"], a), ("thinking", SPECS["thinking"], b)]
+
+        encoder = RecordingEncoder()
+        stages = clean_split_and_encode(copy.deepcopy(raw_stages), cfg, 0, encoder)
+        reference = [clean_and_split(name, spec, copy.deepcopy(records), cfg, 0) for name, spec, records in raw_stages]
+        decontaminate(reference, cfg)
+
+        for got, want in zip(stages, reference, strict=True):
+            assert [r.content for r in got.train] == [r.content for r in want.train]
+            assert [r.content for r in got.eval] == [r.content for r in want.eval]
+            assert [r.to_json() for r in got.rejects] == [r.to_json() for r in want.rejects]
+            assert got.counts == want.counts
+            handed = [r for stage, records in encoder.calls if stage == got.stage for r in records]
+            assert sorted(map(id, handed)) == sorted(map(id, got.train + got.eval))  # each kept record once, no others
+        syntax = stages[0]
+        assert [(r.reason, r.where) for r in syntax.rejects] == [("contaminated", "line 1")]
+        assert [(r.reason, r.where) for r in stages[1].rejects] == [("exact_duplicate", "line 3")]
+        # the record that only looked contaminated (its twin was dropped as a duplicate) is handed over late
+        late = [records for stage, records in encoder.calls if stage == "syntax"][-1]
+        assert [r.content for r in late] == [counting]
+
+
+def test_gc_is_paused_only_while_prepare_runs(monkeypatch, tmp_path, unit_tokenizer):
+    import gc
+
+    import tasks.prepare
+    from tasks.core import modeling
+
+    def fail(*args):
+        assert not gc.isenabled()
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(modeling.BaseInfo, "load", staticmethod(lambda *a: None))
+    monkeypatch.setattr(modeling, "load_tokenizer", lambda info: unit_tokenizer)
+    monkeypatch.setattr(tasks.prepare, "clean_split_and_encode", fail)
+    monkeypatch.setattr(tasks.prepare, "read_jsonl", lambda path: [])
+    monkeypatch.chdir(tmp_path)
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="stop here"):
+        prepare_all(PARAMS)
+    assert gc.isenabled()

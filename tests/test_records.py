@@ -125,3 +125,28 @@ class TestContentHash:
     def test_key_order_free_content_sensitive(self):
         assert content_hash({"x": 1, "y": 2}) == content_hash({"y": 2, "x": 1})
         assert content_hash({"text": "a"}) != content_hash({"text": "a "})
+
+
+class TestCanonicalJson:
+    """The spelt-out path for stage records gives json.dumps' canonical string exactly."""
+
+    @staticmethod
+    def reference(record) -> str:
+        import json
+
+        return json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+    def test_stage_records_and_everything_else(self):
+        import random
+
+        from tasks.core.records import canonical_json
+
+        rng = random.Random(0)
+        alphabet = [chr(c) for c in range(0x80)] + ['"', "\\", "/", "é", "\u2028", "\ud800", "\U0001F355", "\x7f"]
+        records = [CHAT, {"text": ""}, {"messages": []}, {"text": 3}, {"text": "a", "id": 1}, [1], "s", None,
+                   {"messages": [{"role": "user", "content": "x", "name": "n"}]}, {"messages": [{"content": 1, "role": "user"}]}]
+        for _ in range(2000):
+            s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            records += [{"text": s}, {"messages": [{"role": "user", "content": s}, {"content": s[::-1], "role": s[:3]}]}]
+        for record in records:
+            assert canonical_json(record) == self.reference(record)

@@ -1,12 +1,20 @@
 """Turning records into token ids and loss labels with the model's own chat template.
 
-Assistant spans are found by rendering growing prefixes of the conversation, so the masking works
+Assistant spans are defined by rendering growing prefixes of the conversation, so the masking works
 with any template that renders a conversation as a prefix-extension of its first turns (ChatML,
 Qwen, Llama 3...), not only templates that carry `{% generation %}` markers.
+
+Rendering every prefix costs two or three template renders a record. Most templates only copy
+each message's content into fixed markup, and for those one render is enough: `ChatRenderer`
+renders each role sequence once with placeholder contents (a skeleton), and takes a record's
+prefixes from its skeleton when the record's own render equals its skeleton filled in. Whether a
+template qualifies is learnt from probes at start-up; one that trims, strips or reformats any
+probe content in any prefix never takes that path.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +25,9 @@ IGNORE_INDEX = -100
 # Texts per tokenizer call: big enough for the Rust tokenizer to use every core, small enough to
 # keep offsets for one batch in memory.
 ENCODE_BATCH = 2048
+
+Span = tuple[int, int]  # [start, end) characters of one assistant reply in the rendered text
+PREFIX_INCONSISTENT = "the chat template does not render conversations prefix-consistently"
 
 
 @dataclass(frozen=True)
@@ -41,29 +52,105 @@ _PROBE = [
     {"role": "user", "content": "And {{ 3+3 }}?"},
     {"role": "assistant", "content": "6"},
 ]
+# Contents that templates commonly trim, strip, split or branch on, in first, middle and last
+# turns: a template must copy all of them verbatim into every prefix to get single renders.
+_SHAPE_PROBES = [
+    _PROBE,
+    [{"role": "user", "content": " Hi there \n"}, {"role": "assistant", "content": "\n<think>\nsum\n</think>\n\n4 \n"}],
+    [{"role": "system", "content": "\n Be brief. "}, {"role": "user", "content": "\t{{ 2+2 }}"},
+     {"role": "assistant", "content": "  four\n\n"}],
+    [{"role": "user", "content": "Q1 "}, {"role": "assistant", "content": "<think>a</think>\n\n A1 "},
+     {"role": "user", "content": " <|im_end|>\n Q2"}, {"role": "assistant", "content": "</think> A2\n"},
+     {"role": "user", "content": "\nQ3\n"}, {"role": "assistant", "content": " A3"}],
+]
+_SLOT = re.compile("\ue000(\\d+)\ue001")  # a placeholder content: private-use characters around the message index
+
+
+@dataclass(frozen=True)
+class _Skeleton:
+    """One render of a role sequence: literal text around slots, each holding one message's content."""
+
+    literals: tuple[str, ...]  # one more than slots
+    slots: tuple[int, ...]  # message index of each slot, in order
+
+    @classmethod
+    def parse(cls, rendered: str) -> _Skeleton:
+        parts = _SLOT.split(rendered)
+        return cls(tuple(parts[0::2]), tuple(int(index) for index in parts[1::2]))
+
+    def fill(self, contents: list[str]) -> str:
+        out = [self.literals[0]]
+        for slot, literal in zip(self.slots, self.literals[1:]):
+            out += (contents[slot], literal)
+        return "".join(out)
+
+    def length(self, contents: list[str]) -> int:
+        return sum(map(len, self.literals)) + sum(len(contents[slot]) for slot in self.slots)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Skeletons of one role sequence: the whole conversation, and per assistant reply the
+    generation prompt before it and the render through it (None when the reply is the last message)."""
+
+    full: _Skeleton
+    replies: tuple[tuple[_Skeleton, _Skeleton | None], ...]
+
+    def spans(self, text: str, contents: list[str]) -> list[Span]:
+        """The prefix method's spans, with each prefix render taken from its skeleton."""
+        spans = []
+        for prompt, through in self.replies:
+            upto = text if through is None else through.fill(contents)
+            end = len(upto.rstrip())
+            if not text.startswith(upto[:end]):
+                raise ValueError(PREFIX_INCONSISTENT)
+            spans.append((prompt.length(contents), end))
+        return spans
+
+
+def _roles(messages: list[dict]) -> tuple[str, ...] | None:
+    """The role sequence, or None unless every message is exactly {role, content} with string values:
+    anything else a template could read is not in a skeleton."""
+    roles = []
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            return None
+        role, content = message.get("role"), message.get("content")
+        if type(role) is not str or type(content) is not str:
+            return None
+        roles.append(role)
+    return tuple(roles)
 
 
 class ChatRenderer:
     """The tokenizer's chat template, compiled once and called directly.
 
     `apply_chat_template` re-normalises every message on each call, which is most of the cost when
-    a whole data set is rendered prefix by prefix. The direct path is used only if it renders a
-    probe conversation exactly as `apply_chat_template` does; otherwise every call goes through it.
+    a whole data set is rendered prefix by prefix; jinja's own `render` then rebuilds its globals
+    for every call. The direct path is used only if it renders a probe conversation exactly as
+    `apply_chat_template` does; otherwise every call goes through it.
+
+    `spans` finds assistant spans from one render per record when the probes show the template
+    copies contents verbatim (`single_render`), and by prefix renders otherwise.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self._template: Any = None
         self._kwargs: dict[str, Any] = {}
+        self._globals: dict[str, Any] = {}
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
 
             self._template = _compile_jinja_template(tokenizer.get_chat_template())
             self._kwargs = dict(tokenizer.special_tokens_map)
+            self._globals = dict(self._template.globals)
         except Exception:  # noqa: BLE001 - any failure just means the slow, always-right path
             self._template = None
         if self._template is not None and not self._agrees():
             self._template = None
+        self._shapes: dict[tuple[str, ...], _Shape | None] = {}
+        self.single_render = self._copies_contents_verbatim()
 
     def _agrees(self) -> bool:
         try:
@@ -75,38 +162,107 @@ class ChatRenderer:
             return False
 
     def _direct(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=generation_prompt, **self._kwargs)
+        # What Template.render does, with the flattened globals built once instead of per call.
+        template = self._template
+        env = template.environment
+        variables = {**self._globals, **self._kwargs, "messages": messages, "add_generation_prompt": generation_prompt}
+        context = env.context_class(env, variables, template.name, template.blocks, globals=self._globals)
+        try:
+            return env.concat(template.root_render_func(context))
+        except Exception:  # noqa: BLE001 - let jinja raise (or render) it its own way
+            return template.render(messages=messages, add_generation_prompt=generation_prompt, **self._kwargs)
 
     def __call__(self, messages: list[dict], generation_prompt: bool = False) -> str:
         if self._template is None:
             return render(self.tokenizer, messages, generation_prompt)
         return self._direct(messages, generation_prompt)
 
+    # --- assistant spans ---------------------------------------------------------------------
 
-def assistant_spans(tokenizer: PreTrainedTokenizerBase | ChatRenderer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of each assistant reply.
+    def _skeleton(self, roles: tuple[str, ...], generation_prompt: bool) -> _Skeleton | None:
+        placeholders = [{"role": role, "content": f"\ue000{i}\ue001"} for i, role in enumerate(roles)]
+        try:
+            return _Skeleton.parse(self(placeholders, generation_prompt))
+        except Exception:  # noqa: BLE001 - a sequence the template refuses: prefix renders will say why
+            return None
 
-    A span runs from the end of the generation prompt to the end-of-turn marker; the whitespace
-    the template puts after that marker is not trained on.
-    """
+    def _shape(self, roles: tuple[str, ...]) -> _Shape | None:
+        if roles not in self._shapes:
+            self._shapes[roles] = self._build_shape(roles)
+        return self._shapes[roles]
+
+    def _build_shape(self, roles: tuple[str, ...]) -> _Shape | None:
+        """Skeletons of every render the prefix method would make for this role sequence, or None
+        if the template refuses one of them."""
+        full = self._skeleton(roles, False)
+        if full is None:
+            return None
+        last = len(roles) - 1
+        replies = []
+        for i, role in enumerate(roles):
+            if role != "assistant":
+                continue
+            prompt = self._skeleton(roles[:i], True)
+            through = None if i == last else self._skeleton(roles[: i + 1], False)
+            if prompt is None or (through is None and i != last):
+                return None
+            replies.append((prompt, through))
+        return _Shape(full, tuple(replies))
+
+    def _copies_contents_verbatim(self) -> bool:
+        """True if every prefix of every probe, with and without the generation prompt, is its skeleton filled in."""
+        for probe in _SHAPE_PROBES:
+            roles, contents = _roles(probe), [m["content"] for m in probe]
+            for n in range(1, len(probe) + 1):
+                for gen in (False, True):
+                    skeleton = self._skeleton(roles[:n], gen)
+                    try:
+                        if skeleton is None or skeleton.fill(contents[:n]) != self(probe[:n], gen):
+                            return False
+                    except Exception:  # noqa: BLE001
+                        return False
+        return True
+
+    def spans(self, messages: list[dict]) -> tuple[str, list[Span]]:
+        """The rendered conversation and the character spans of each assistant reply.
+
+        A span runs from the end of the generation prompt to the end-of-turn marker; the whitespace
+        the template puts after that marker is not trained on.
+        """
+        text = self(messages)
+        roles = _roles(messages) if self.single_render else None
+        shape = self._shape(roles) if roles is not None else None
+        if shape is not None:
+            contents = [m["content"] for m in messages]
+            if shape.full.fill(contents) == text:
+                return text, shape.spans(text, contents)
+        return text, self.prefix_spans(messages, text)
+
+    def prefix_spans(self, messages: list[dict], text: str) -> list[Span]:
+        """Spans from renders of each reply's prefixes: right for any prefix-consistent template."""
+        last = len(messages) - 1
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self(messages[:i], generation_prompt=True))
+            through = text if i == last else self(messages[: i + 1])
+            end = len(through.rstrip())
+            if not text.startswith(through[:end]):
+                raise ValueError(PREFIX_INCONSISTENT)
+            spans.append((start, end))
+        return spans
+
+
+def assistant_spans(tokenizer: PreTrainedTokenizerBase | ChatRenderer, messages: list[dict]) -> tuple[str, list[Span]]:
+    """The rendered conversation and the character spans of each assistant reply (see `ChatRenderer.spans`)."""
     renderer = tokenizer if isinstance(tokenizer, ChatRenderer) else ChatRenderer(tokenizer)
-    text = renderer(messages)
-    last = len(messages) - 1
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(renderer(messages[:i], generation_prompt=True))
-        through = text if i == last else renderer(messages[: i + 1])
-        end = len(through.rstrip())
-        if not text.startswith(through[:end]):
-            raise ValueError("the chat template does not render conversations prefix-consistently")
-        spans.append((start, end))
-    return text, spans
+    return renderer.spans(messages)
 
 
 def _labels_for_spans(ids: list[int], first_token_at: Any, spans: list[tuple[int, int]]) -> list[int]:
-    """Token ids for the tokens that start inside an assistant span, IGNORE_INDEX elsewhere.
+    """Token ids for the tokens that start inside an assistant span, IGNORE_INDEX elsewhere
+    (one text; `tokenize_rendered` does the same for a batch).
 
     `first_token_at(pos)` is the index of the first token starting at or after character `pos`;
     spans are few, so a couple of lookups per reply replace a pass over every token's offsets.
@@ -138,41 +294,107 @@ def _first_token_in_offsets(offsets: list[tuple[int, int]]) -> Any:
     return lambda pos: bisect.bisect_left(starts, pos)
 
 
-def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]]) -> list[Encoded]:
-    """Token ids of each conversation; labels only on assistant replies and their end marker.
+def render_chats(renderer: ChatRenderer, conversations: list[list[dict]]) -> list[tuple[str, list[Span]]]:
+    """Each conversation's rendered text and assistant spans: the Python half of `encode_chats`."""
+    return [renderer.spans(messages) for messages in conversations]
 
-    Rendering is per conversation, tokenization is batched and goes straight to the Rust
-    tokenizer when there is one (the transformers wrapper converts every token's offsets to
-    Python objects, which costs more than the tokenization itself).
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Encodings of a batch of texts as flat int32 arrays, for callers that write columns.
+
+    Text i's tokens are `input_ids[offsets[i]:offsets[i + 1]]`, their labels at the same positions
+    of `labels`. No Python object per token is kept, which is most of the cost of a list per text.
     """
-    renderer = ChatRenderer(tokenizer)
-    rendered = [assistant_spans(renderer, messages) for messages in conversations]
+
+    input_ids: Any  # np.ndarray
+    labels: Any  # np.ndarray
+    offsets: Any  # np.ndarray, len(texts) + 1
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def encoded(self, i: int) -> Encoded:
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Encoded(self.input_ids[lo:hi].tolist(), self.labels[lo:hi].tolist(), self.texts[i])
+
+    def encodings(self) -> list[Encoded]:
+        return [self.encoded(i) for i in range(len(self))]
+
+
+def _flatten(id_lists: list[list[int]]) -> tuple[Any, Any]:
+    """(flat int32 ids, offsets) of per-text id lists."""
+    import itertools
+
+    import numpy as np
+
+    offsets = np.zeros(len(id_lists) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists)), out=offsets[1:])
+    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(offsets[-1]))
+    return ids, offsets
+
+
+def _labels_in_spans(ids: Any, spans: list[tuple[int, int]]) -> Any:
+    """`ids` inside the [start, end) token spans, IGNORE_INDEX elsewhere (`_labels_for_spans`
+    for a whole batch at once; spans are a few per text, so one slice copy each)."""
+    import numpy as np
+
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    for lo, hi in spans:
+        labels[lo:hi] = ids[lo:hi]
+    return labels
+
+
+def tokenize_rendered(tokenizer: PreTrainedTokenizerBase, rendered: list[tuple[str, list[Span]]]) -> TokenBatch:
+    """Token ids and labels of rendered conversations: the tokenizer half of `encode_chats`.
+
+    Tokenization is batched and goes straight to the Rust tokenizer when there is one (the
+    transformers wrapper converts every token's offsets to Python objects, which costs more than
+    the tokenization itself). The Rust tokenizer releases the GIL, so this can run in a thread
+    while the caller renders the next batch.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    out: list[Encoded] = []
+    id_lists: list[list[int]] = []
+    token_spans: list[tuple[int, int]] = []
+    base = 0  # where the current text's tokens start in the flat arrays
     for lo in range(0, len(rendered), ENCODE_BATCH):
         chunk = rendered[lo : lo + ENCODE_BATCH]
         texts = [text for text, _ in chunk]
         if backend is not None:
-            for (text, spans), enc in zip(chunk, backend.encode_batch(texts, add_special_tokens=False)):
-                ids = enc.ids
-                first = _first_token_in_encoding(enc, len(text), len(ids))
-                out.append(Encoded(ids, _labels_for_spans(ids, first, spans), text))
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+            lookups = [(enc.ids, _first_token_in_encoding(enc, len(text), len(enc))) for text, enc in zip(texts, encodings)]
         else:
             enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            for (text, spans), ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
-                ids = list(ids)
-                out.append(Encoded(ids, _labels_for_spans(ids, _first_token_in_offsets(offsets), spans), text))
-    return out
+            lookups = [(list(ids), _first_token_in_offsets(offsets)) for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+        for (_, spans), (ids, first_token_at) in zip(chunk, lookups):
+            token_spans += [(base + first_token_at(start), base + first_token_at(end)) for start, end in spans]
+            id_lists.append(ids)
+            base += len(ids)
+    ids, offsets = _flatten(id_lists)
+    return TokenBatch(ids, _labels_in_spans(ids, token_spans), offsets, [text for text, _ in rendered])
+
+
+def encode_rendered(tokenizer: PreTrainedTokenizerBase, rendered: list[tuple[str, list[Span]]]) -> list[Encoded]:
+    return tokenize_rendered(tokenizer, rendered).encodings()
+
+
+def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]],
+                 renderer: ChatRenderer | None = None) -> list[Encoded]:
+    """Token ids of each conversation; labels only on assistant replies and their end marker."""
+    return encode_rendered(tokenizer, render_chats(renderer or ChatRenderer(tokenizer), conversations))
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids per text, in batches, through the Rust tokenizer when there is one."""
+    """Token ids per text, in batches, through the Rust tokenizer when there is one (without
+    tracking offsets, which nothing here reads: a sixth less work on raw text)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
     out: list[list[int]] = []
     for lo in range(0, len(texts), ENCODE_BATCH):
         batch = texts[lo : lo + ENCODE_BATCH]
-        if backend is not None:
-            out += [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
+        if encode is not None:
+            out += [e.ids for e in encode(batch, add_special_tokens=False)]
         else:
             out += tokenizer(batch, add_special_tokens=False)["input_ids"]
     return out
@@ -190,15 +412,20 @@ def end_of_text_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return tokenizer.eos_token_id
 
 
-def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[Encoded]:
+def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> TokenBatch:
     """Raw text for continued pretraining: every token, and the end-of-text marker, is trained on."""
+    import numpy as np
+
+    ids, offsets = _flatten(_token_ids(tokenizer, texts))
     end = end_of_text_id(tokenizer)
-    tail = [] if end is None else [end]
-    out: list[Encoded] = []
-    for text, ids in zip(texts, _token_ids(tokenizer, texts)):
-        ids = list(ids) + tail
-        out.append(Encoded(ids, list(ids), text))
-    return out
+    if end is not None:  # one marker after each text's last token
+        ids = np.insert(ids, offsets[1:], end)
+        offsets = offsets + np.arange(len(offsets))
+    return TokenBatch(ids, ids.copy(), offsets, list(texts))
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[Encoded]:
+    return tokenize_texts(tokenizer, texts).encodings()
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> Encoded:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from json.encoder import encode_basestring as _encode_string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,7 +115,31 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
 
 
 def canonical_json(record: Any) -> str:
-    return json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    """Sorted keys, no spaces, UTF-8 kept: equal content, equal string."""
+    return _canonical_stage_record(record) or json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _canonical_stage_record(record: Any) -> str | None:
+    """`canonical_json` of a stage record ({"text"} or {"messages": [{role, content}...]}) spelt out
+    with the string encoder `json.dumps(ensure_ascii=False)` itself uses, without its per-call
+    set-up; None for any other shape."""
+    if type(record) is not dict or len(record) != 1:
+        return None
+    text = record.get("text")
+    if type(text) is str:
+        return '{"text":' + _encode_string(text) + "}"
+    messages = record.get("messages")
+    if type(messages) is not list:
+        return None
+    parts = []
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            return None
+        role, content = message.get("role"), message.get("content")
+        if type(role) is not str or type(content) is not str:
+            return None
+        parts.append('{"content":' + _encode_string(content) + ',"role":' + _encode_string(role) + "}")
+    return '{"messages":[' + ",".join(parts) + "]}"
 
 
 def content_hash(record: Any) -> str:

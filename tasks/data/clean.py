@@ -205,6 +205,15 @@ def clean_text(text: str, cfg: CleanConfig) -> tuple[str, list[str]]:
     return text, reasons
 
 
+def may_change(text: str, cfg: CleanConfig) -> bool:
+    """False when `clean_text` is sure to return `text` as is with no reasons: ASCII, no control
+    characters, no PII scrubbing. On `record_text(record)` it answers for the whole record (the
+    newline joining its messages is neither), so most records skip `clean_record`."""
+    if cfg.scrub_pii or not text.isascii():
+        return True
+    return cfg.remove_control_chars and ("\r" in text or _CONTROL.search(text) is not None)
+
+
 def clean_record(record: dict, cfg: CleanConfig) -> tuple[dict, list[str]]:
     """The record with its `text`, or every message's `content`, cleaned; reasons de-duplicated, sorted.
 

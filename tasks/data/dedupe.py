@@ -38,7 +38,8 @@ _FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2
 
 
 def _ascii_table() -> bytes:
-    """bytes.translate table: ASCII lowercased, punctuation (Unicode category P) and odd spaces to ' '."""
+    """bytes.translate table: ASCII lowercased, punctuation (Unicode category P) and odd spaces to ' ';
+    bytes from 0x80 up (the pieces of UTF-8 characters) kept."""
     table = bytearray(range(256))
     for c in range(128):
         ch = chr(c)
@@ -62,10 +63,26 @@ _PUNCTUATION = _PunctuationToSpace()
 
 
 def _normalized_words(text: str) -> list[bytes]:
-    """The words of the normalised text as UTF-8 bytes; ASCII text takes a C-level translate path."""
+    """The words of the normalised text as UTF-8 bytes, through C-level translate and split.
+
+    Other than ASCII text is casefolded and cut at its ASCII separators the same way; only the
+    pieces holding a non-ASCII character get the per-character Unicode table, which gives the
+    same words because ASCII separators split them either way.
+    """
     if text.isascii():
         return text.encode("ascii").translate(_ASCII).split()
-    return [w.encode("utf-8") for w in text.casefold().translate(_PUNCTUATION).split()]
+    folded = text.casefold()
+    try:
+        pieces = folded.encode("utf-8").translate(_ASCII).split()
+    except UnicodeEncodeError:  # a lone surrogate: UTF-8 cannot hold it
+        return [w.encode("utf-8") for w in folded.translate(_PUNCTUATION).split()]
+    out: list[bytes] = []
+    for piece in pieces:
+        if piece.isascii():
+            out.append(piece)
+        else:
+            out += [w.encode("utf-8") for w in piece.decode("utf-8").translate(_PUNCTUATION).split()]
+    return out
 
 
 def normalized_text(text: str) -> str:

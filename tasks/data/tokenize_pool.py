@@ -1,0 +1,131 @@
+"""Tokenizing records in background threads, so the Rust tokenizer (which runs without the GIL)
+overlaps the Python work of `prepare`: cleaning the next stage, building the previous one's rows.
+
+Jobs run earliest stage first, so a stage's rows can be built as soon as its own batches are done.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from tasks.core.chat import ENCODE_BATCH, ChatRenderer, TokenBatch, render_chats, tokenize_rendered, tokenize_texts
+
+if TYPE_CHECKING:
+    from tasks.prepare import Record
+
+# Where a record's tokens are: its batch, its index in the batch, and the [start, end) of its tokens
+# in the batch's arrays.
+Located = tuple[TokenBatch, int, int, int]
+
+
+class StageFirstPool:
+    """Worker threads running queued jobs earliest stage first, not first come, first served.
+
+    A stage's records are queued in two waves: those nothing can drop any more, then the few that
+    waited for decontamination. Running an earlier stage's second wave before later stages' first
+    lets its rows be built and written while those tokenize, instead of all at the end.
+
+    Two workers by default: while one turns a finished batch into arrays (Python, GIL), the
+    other's batch keeps the Rust tokenizer's threads busy.
+    """
+
+    def __init__(self, name: str, workers: int = 2) -> None:
+        self._queue: list = []  # heap of (stage, arrival, future, fn, args)
+        self._ready = threading.Condition()
+        self._closed = False
+        self._arrivals = itertools.count()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, stage: int, fn: Callable, *args: Any) -> Future:
+        future: Future = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("submit after shutdown")
+            heapq.heappush(self._queue, (stage, next(self._arrivals), future, fn, args))
+            self._ready.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                _, _, future, fn, args = heapq.heappop(self._queue)
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - raised again by whoever waits on it
+                    future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancel what has not started, let the running job finish, stop the thread."""
+        with self._ready:
+            self._closed = True
+            for _, _, future, _, _ in self._queue:
+                future.cancel()
+            self._queue.clear()
+            self._ready.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+
+class Encoder:
+    """Tokenizes records in a background thread.
+
+    Chat templates are rendered in the caller's thread (Python); the pool tokenizes, which the
+    Rust tokenizer does without the GIL, so tokenizing one batch overlaps rendering the next and
+    whatever the caller does meanwhile (cleaning the next stage, building the previous one's rows).
+    """
+
+    def __init__(self, tokenizer, pool: StageFirstPool) -> None:
+        self.tokenizer = tokenizer
+        self.renderer = ChatRenderer(tokenizer)
+        self.pool = pool
+        self._jobs: dict[str, list[tuple[list[Future], list[Record]]]] = {}
+        self._stage_order: dict[str, int] = {}
+
+    def start(self, stage: str, kind: str, records: list[Record]) -> None:
+        """Queue `records` of `stage`, one batch per ENCODE_BATCH records; stages rank in the
+        order they are first started."""
+        rank = self._stage_order.setdefault(stage, len(self._stage_order))
+        futures = []
+        for lo in range(0, len(records), ENCODE_BATCH):
+            chunk = records[lo : lo + ENCODE_BATCH]
+            if kind == "pretrain":
+                futures.append(self.pool.submit(rank, tokenize_texts, self.tokenizer, [r.content["text"] for r in chunk]))
+            else:
+                rendered = render_chats(self.renderer, [r.content["messages"] for r in chunk])
+                futures.append(self.pool.submit(rank, tokenize_rendered, self.tokenizer, rendered))
+        self._jobs.setdefault(stage, []).append((futures, records))
+
+    def finish(self, stage: str) -> dict[int, Located]:
+        """Record id -> where its tokens are, for every record queued for `stage` (waits for them)."""
+        located: dict[int, Located] = {}
+        for futures, records in self._jobs.pop(stage, []):
+            places: list[Located] = []
+            for future in futures:
+                batch = future.result()
+                bounds = batch.offsets.tolist()
+                places += [(batch, i, bounds[i], bounds[i + 1]) for i in range(len(batch))]
+            located.update((id(record), place) for record, place in zip(records, places, strict=True))
+        return located
+
+
+def encode_records(tokenizer, kind: str, records: list[Record]) -> dict[int, Located]:
+    """Encoder.start and Encoder.finish in one go, for a caller with nothing to overlap."""
+    pool = StageFirstPool("prepare-tokenize")
+    try:
+        encoder = Encoder(tokenizer, pool)
+        encoder.start("", kind, records)
+        return encoder.finish("")
+    finally:
+        pool.shutdown()
