@@ -7,7 +7,9 @@ cache; batches shrink on out-of-memory), scored per chat stage by its data contr
 `reply_scores`): final-answer exact match and well-formed `<think>` blocks, valid JSON with slot
 precision/recall/F1 and SQL exact match, or ROUGE-L and reply lengths. The base and the final
 model are scored on every eval set; each stage's model on its own. A few replies per eval set go
-to `reports/evaluation/generations.jsonl` for people to read.
+to `reports/evaluation/generations.jsonl` for people to read. Tasks of lm-evaluation-harness listed
+in `evaluate.lm_eval.tasks` run on the final model too (`lm_eval.<task>.<metric>`;
+tasks/evaluation/harness.py).
 
     python -m tasks.evaluate [--params params.yaml]
 """
@@ -124,10 +126,12 @@ def eval_losses(model, tokenizer, params: Params) -> dict[str, float]:
 
 
 def score_model(model, tokenizer, params: Params, generate_for: list[str] | None = None,
-                samples: list[dict] | None = None) -> dict[str, float]:
-    """Losses on every eval split, and generation metrics on `generate_for` (None: every stage)."""
+                samples: list[dict] | None = None, losses: bool = True) -> dict[str, float]:
+    """Losses on every eval split (`losses=False`: none, for a model whose tokenizer differs from
+    the one the splits were tokenized with), and generation metrics on `generate_for` (None: every stage)."""
     generated = generation_metrics(model, tokenizer, params, generate_for, samples)
-    return eval_losses(model, tokenizer, params) | {k: round(v, 6) for k, v in generated.items()}
+    scored = eval_losses(model, tokenizer, params) if losses else {}
+    return scored | {k: round(v, 6) for k, v in generated.items()}
 
 
 def evaluate_pipeline(params: Params) -> dict:
@@ -142,16 +146,24 @@ def evaluate_pipeline(params: Params) -> dict:
     from tasks.core.chain import load_stage_model
     from tasks.core.modeling import BaseInfo, load_base_model, load_tokenizer
     from tasks.evaluation.forgetting import change_since_trained
+    from tasks.evaluation.harness import require_harness
 
+    require_harness(params.evaluate.lm_eval)
     torch.manual_seed(params.seed)
     info = BaseInfo.load()
     tokenizer = load_tokenizer(info)
     final, quantization = params.train.final_stage, params.train.quantization
     samples: dict[str, list[dict]] = {"base": [], final: []}
     rows = {"base": score_model(load_base_model(info, quantization), tokenizer, params, None, samples["base"])}
+    harness: dict[str, dict[str, float]] = {}
     for stage in params.stage_names:
         own = None if stage == final else [stage]
-        rows[stage] = score_model(load_stage_model(info, stage, quantization), tokenizer, params, own, samples.get(stage))
+        stage_model = load_stage_model(info, stage, quantization)
+        rows[stage] = score_model(stage_model, tokenizer, params, own, samples.get(stage))
+        if stage == final and params.evaluate.lm_eval.tasks:  # the model is loaded now: no second load
+            from tasks.evaluation.harness import harness_scores
+
+            harness = harness_scores(stage_model, tokenizer, params.evaluate.lm_eval)
     matrix = {row: {s: scores[f"{s}_eval_loss"] for s in params.stage_names} for row, scores in rows.items()}
     return {
         "base": rows["base"],
@@ -161,7 +173,7 @@ def evaluate_pipeline(params: Params) -> dict:
         "forgetting": matrix,
         "forgetting_change": change_since_trained(matrix, params.stage_names),
         "samples": [{"model": model, **row} for model, rows_ in samples.items() for row in rows_],
-    }
+    } | ({"lm_eval": harness} if harness else {})
 
 
 def write_metrics(results: dict, path: Path = paths.EVALUATE_METRICS) -> None:
@@ -192,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return [
             f"evaluate: {key:32s} base {results['base'][key]:10.4f}  final {results['final'][key]:10.4f}"
             for key in sorted(results["base"])
-        ]
+        ] + [f"evaluate: lm_eval.{task}.{metric} {value:.4f}"
+             for task, row in sorted(results.get("lm_eval", {}).items()) for metric, value in sorted(row.items())]
 
     return run_stage_cli("evaluate", __doc__, run, argv)
 

@@ -3,8 +3,10 @@
 One parent run per pipeline run (all params, base vs final scores, the validation reports and
 their Data Docs site), one child run per curriculum stage (its params, step metrics, adapter,
 validation report). The final adapter becomes a new version of `register.model_name` with alias
-`challenger`; it also takes `champion` when its final scores pass `register.thresholds`. Versions
-carry lineage tags: git commit, dirty flag, and the DVC hashes of each stage's data.
+`challenger`; it also takes `champion` when its final scores pass `register.thresholds` and are
+not worse than the current champion's on the same eval sets (the champion is re-scored on them when
+it was evaluated on other data: tasks/evaluation/champion.py). Versions carry lineage tags: git
+commit, dirty flag, and the DVC hashes of each stage's data.
 
     python -m tasks.register [--params params.yaml]
 """
@@ -33,9 +35,11 @@ from tasks.export import export_metrics
 from tasks.core.lineage import data_lineage, eval_data_fingerprint, git_lineage, library_versions, model_lineage
 from tasks.core.promotion import ChampionScores, decide
 from tasks.core.tracking import ADAPTER_TAG, STAGE_TAG, configure_mlflow, file_sha256, find_stage_run, flatten, stage_params
+from tasks.evaluation.champion import ChampionUnavailable, log_champion_metrics, rescore_champion
 
 log = logging.getLogger(__name__)
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_gib")
+MAX_TAG_REASON = 1000  # a load error can quote a whole traceback; MLflow caps tag values
 
 
 @dataclass
@@ -104,6 +108,7 @@ def evaluation_metrics(scores: dict) -> dict[str, float]:
     out = {f"after.{stage}.{k}": float(v) for stage, row in scores.get("after", {}).items() for k, v in row.items()}
     out |= {f"forgetting.{row}.{col}": float(v) for row, cells in scores.get("forgetting", {}).items() for col, v in cells.items()}
     out |= {f"forgetting_change.{k}": float(v) for k, v in scores.get("forgetting_change", {}).items()}
+    out |= {f"lm_eval.{task}.{k}": float(v) for task, row in scores.get("lm_eval", {}).items() for k, v in row.items()}
     return out
 
 
@@ -196,12 +201,13 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
         client.get_registered_model(cfg.model_name)
     except Exception:  # noqa: BLE001 - MLflow raises RestException / MlflowException by store
         client.create_registered_model(cfg.model_name)
-    champion = champion_scores(client, cfg.model_name, lineage["eval_data_sha256"])
+    champion, compared = champion_scores(client, cfg.model_name, lineage["eval_data_sha256"], params)
+    log_champion_metrics(client, parent_id, champion)
     decision = decide(scores["final"], cfg.thresholds, champion, cfg.champion_tolerance)
     version_tags = version_lineage(params, lineage, stage_runs, parent_id) | {
         "gate": "passed" if decision.promoted else "failed",
         "gate_reasons": decision.summary,
-        "compared_with_champion": f"v{champion.version} ({champion.basis})" if champion else "none",
+        "compared_with_champion": compared,
     }
     client.log_artifact(final_run, str(params_file), "config")  # the params themselves, next to the adapter
     version = client.create_model_version(
@@ -249,20 +255,30 @@ def version_lineage(params: Params, lineage: dict[str, str], stage_runs: dict[st
     } | {f"adapter_run.{s}": r for s, r in stage_runs.items()}
 
 
-def champion_scores(client, model_name: str, eval_data: str) -> ChampionScores | None:
-    """The current champion's final scores on the same eval sets: its stored scores when it was
-    evaluated on exactly this eval data; otherwise None (and the reason is logged), since scores
-    on other eval sets do not compare."""
+def champion_scores(client, model_name: str, eval_data: str, params: Params) -> tuple[ChampionScores | None, str]:
+    """The current champion's final scores on the same eval sets, and the `compared_with_champion`
+    tag: its stored scores when it was evaluated on exactly this eval data; else its model re-scored
+    on this data (`register.rescore_champion`); else None with the reason, since scores on other
+    eval sets do not compare. A champion that cannot be loaded does not stop the registration."""
     try:
         champion = client.get_model_version_by_alias(model_name, "champion")
     except Exception:  # noqa: BLE001 - no champion yet
-        return None
-    if champion.tags.get("eval_data_sha256") != eval_data or "pipeline_run" not in champion.tags:
-        log.warning("champion v%s was evaluated on other eval data: its scores are not compared", champion.version)
-        return None
-    stored = client.get_run(champion.tags["pipeline_run"]).data.metrics
-    scores = {k.removeprefix("final."): v for k, v in stored.items() if k.startswith("final.")}
-    return ChampionScores(str(champion.version), scores, "same eval data, stored scores")
+        return None, "none (no champion yet)"
+    if champion.tags.get("eval_data_sha256") == eval_data and "pipeline_run" in champion.tags:
+        stored = client.get_run(champion.tags["pipeline_run"]).data.metrics
+        scores = {k.removeprefix("final."): v for k, v in stored.items() if k.startswith("final.")}
+        found = ChampionScores(str(champion.version), scores, "same eval data, stored scores")
+        return found, f"v{found.version} ({found.basis})"
+    if not params.register_.rescore_champion:
+        reason = f"champion v{champion.version} was evaluated on other eval data and register.rescore_champion is off"
+        log.warning("%s: its scores are not compared", reason)
+        return None, f"none ({reason})"
+    try:
+        found = rescore_champion(client, champion, params)
+    except ChampionUnavailable as error:
+        log.warning("champion %s: the new version is not compared with it", error)
+        return None, f"none (champion {str(error)[:MAX_TAG_REASON]})"
+    return found, f"v{found.version} ({found.basis})"
 
 
 @task(name="register")

@@ -305,11 +305,22 @@ class TrainConfig(Strict):
 # --- evaluate / register --------------------------------------------------------------------
 
 
+class LmEvalConfig(Strict):
+    """lm-evaluation-harness tasks run on the final model (`pip install -e ".[lmeval]"`); none by default."""
+
+    tasks: list[str] = Field(default_factory=list)  # harness task or group names; [] skips the harness
+    include_path: str | None = None  # a folder of your own task YAMLs, searched before the built-in ones
+    limit: PositiveInt | PositiveFloat | None = None  # docs per task: a count, or a share when below 1
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None  # None: each task's own default
+    batch_size: PositiveInt = 1
+
+
 class EvaluateConfig(Strict):
     batch_size: PositiveInt = 16
     max_generate: PositiveInt = 48  # eval records per generation metric
     max_new_tokens: PositiveInt = 64
     samples: Annotated[int, Field(ge=0)] = 5  # replies per eval set kept for people to read (MLflow table)
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
 
 class RegisterConfig(Strict):
@@ -318,8 +329,11 @@ class RegisterConfig(Strict):
     # Metric name (as in metrics/evaluate.json `final`) -> minimum value to become `champion`.
     thresholds: dict[str, float] = Field(default_factory=dict)
     # A new version must also not fall below the current champion's score on any threshold metric
-    # by more than this (compared only when both were evaluated on the same eval data).
+    # by more than this (on the same eval data: stored scores, or the champion re-scored on this data).
     champion_tolerance: Annotated[float, Field(ge=0)] = 0.0
+    # When the champion was evaluated on other eval data, load it from the registry and score it
+    # on the current eval sets (tasks/evaluation/champion.py); false: skip the comparison instead.
+    rescore_champion: bool = True
 
 
 class ExportConfig(Strict):
