@@ -29,7 +29,8 @@ def checkout(project: Path, commit: str | None) -> None:
     have = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=project).returncode == 0
     if not have:
         subprocess.run(["git", "fetch", "-q", "origin"], cwd=project, check=True, timeout=300)
-    subprocess.run(["git", "checkout", "-q", "--detach", commit], cwd=project, check=True)
+    # --force: params.yaml (and dvc.lock) here are the last run's, written by this flow; the new ones follow
+    subprocess.run(["git", "checkout", "-q", "--force", "--detach", commit], cwd=project, check=True)
 
 
 @flow(name="stagewise-train-stage")
