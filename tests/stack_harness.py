@@ -95,8 +95,13 @@ class Stack:
         """Every Prefect log line of every flow run, as the UI shows them."""
         from prefect.client.schemas.filters import LogFilter
 
+        messages: list[str] = []
         with self.prefect() as client:
-            return "\n".join(log.message for log in client.read_logs(log_filter=LogFilter(), limit=10_000))
+            while True:  # the API serves at most 200 per page
+                page = client.read_logs(log_filter=LogFilter(), limit=200, offset=len(messages))
+                messages += [log.message for log in page]
+                if len(page) < 200:
+                    return "\n".join(messages)
 
 
 def start_stack(base: Path) -> Stack:
