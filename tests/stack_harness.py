@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -20,9 +21,10 @@ import yaml
 
 from pipeline_workspace import PROJECT, Workspace, make_workspace, small_params
 
-# Test credentials: the S3 store accepts exactly these; a test scans every log and store for them.
-ACCESS_KEY = "stagewise-e2e-access-7c1d"
-SECRET_KEY = "stagewise-e2e-secret-4b9e0f"
+# Test credentials, made up per session (so no file holds them): the S3 store accepts exactly
+# these, and a test scans every log, store and committed file for them.
+ACCESS_KEY = f"e2e-access-{secrets.token_hex(6)}"
+SECRET_KEY = f"e2e-secret-{secrets.token_hex(12)}"
 PIPELINE = "stagewise-pipeline/pipeline"
 
 
