@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tasks.core.records import plain_message
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -113,12 +115,10 @@ def _roles(messages: list[dict]) -> tuple[str, ...] | None:
     anything else a template could read is not in a skeleton."""
     roles = []
     for message in messages:
-        if type(message) is not dict or len(message) != 2:
+        plain = plain_message(message)
+        if plain is None:
             return None
-        role, content = message.get("role"), message.get("content")
-        if type(role) is not str or type(content) is not str:
-            return None
-        roles.append(role)
+        roles.append(plain[0])
     return tuple(roles)
 
 

@@ -133,13 +133,23 @@ def _canonical_stage_record(record: Any) -> str | None:
         return None
     parts = []
     for message in messages:
-        if type(message) is not dict or len(message) != 2:
+        plain = plain_message(message)
+        if plain is None:
             return None
-        role, content = message.get("role"), message.get("content")
-        if type(role) is not str or type(content) is not str:
-            return None
+        role, content = plain
         parts.append('{"content":' + _encode_string(content) + ',"role":' + _encode_string(role) + "}")
     return '{"messages":[' + ",".join(parts) + "]}"
+
+
+def plain_message(message: Any) -> tuple[str, str] | None:
+    """(role, content) when `message` is exactly {role, content} with string values, else None:
+    the one shape the fast paths (canonical JSON here, chat skeletons) handle."""
+    if type(message) is not dict or len(message) != 2:
+        return None
+    role, content = message.get("role"), message.get("content")
+    if type(role) is not str or type(content) is not str:
+        return None
+    return role, content
 
 
 def content_hash(record: Any) -> str:
