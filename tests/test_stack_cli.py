@@ -78,3 +78,12 @@ def test_ports_come_from_the_environment_or_are_picked_free(monkeypatch, free):
     monkeypatch.setenv("STAGEWISE_PREFECT_PORT", "14200")
     ports = Ports.from_env(free)
     assert (ports.prefect != 14200) if free else (ports == Ports(14200, 5000, 9000))
+
+
+def test_a_service_that_fails_to_start_is_stopped_not_left_behind(tmp_path):
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="k1", AWS_SECRET_ACCESS_KEY="s1")  # too short for rclone
+    done = stack_cli(tmp_path, "up", "--free-ports", env=env)
+    assert done.returncode == 1 and "refused the keys in AWS_ACCESS_KEY_ID" in done.stderr
+    left = subprocess.run(["pgrep", "-f", f"rclone serve s3 .*{tmp_path}"], capture_output=True, text=True).stdout
+    assert left == ""
+    assert StackState.load(tmp_path).processes == {}

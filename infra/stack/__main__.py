@@ -37,11 +37,12 @@ def up(args) -> StackState:
     state = StackState(Path(args.home).resolve(), ports, args.bucket, args.cpu_pool, args.gpu_pool)
     state.save()
     try:
-        for name, starter in (("s3", services.start_s3), ("mlflow", None), ("prefect", services.start_prefect)):
-            if name == "mlflow":
-                created = services.ensure_bucket(state)
-                print(f"bucket {state.bucket}: {'created' if created else 'exists'}", file=sys.stderr)
-                starter = services.start_mlflow
+        state.processes["s3"] = services.start_s3(state)
+        state.save()
+        created = services.ensure_bucket(state)
+        print(f"s3: pid {state.processes['s3'].pid}; bucket {state.bucket} {'created' if created else 'exists'}",
+              file=sys.stderr)
+        for name, starter in (("mlflow", services.start_mlflow), ("prefect", services.start_prefect)):
             state.processes[name] = starter(state)
             state.save()
             print(f"{name}: pid {state.processes[name].pid}", file=sys.stderr)

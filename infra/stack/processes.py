@@ -3,15 +3,17 @@ children too, e.g. uvicorn workers), logged to a file each, and stopped by PID."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 class StackError(RuntimeError):
@@ -51,6 +53,21 @@ def alive(pid: int) -> bool:
         return True
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any live (not zombie) process is left in process group `pgid` (Linux /proc)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return alive(pgid)
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            return True
+    return False
+
+
 def _reap(pid: int) -> None:
     try:
         os.waitpid(pid, os.WNOHANG)
@@ -60,8 +77,9 @@ def _reap(pid: int) -> None:
 
 def stop(proc: Managed, grace: float = 10.0) -> bool:
     """SIGINT, then SIGINT again and SIGTERM (a Prefect worker shrugs off the first signal), then
-    SIGKILL, each to the whole process group. True when it was running."""
-    if not alive(proc.pid):
+    SIGKILL, each to the whole process group, until no member is left (the leader going first is
+    not enough: a child may still be dying). True when something was running."""
+    if not group_alive(proc.pid):
         return False
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGINT, 2.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
         try:
@@ -71,11 +89,11 @@ def stop(proc: Managed, grace: float = 10.0) -> bool:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             _reap(proc.pid)
-            if not alive(proc.pid):
+            if not group_alive(proc.pid):
                 return True
             time.sleep(0.1)
     _reap(proc.pid)
-    if alive(proc.pid):
+    if group_alive(proc.pid):
         raise StackError(f"{proc.name} (pid {proc.pid}) did not stop")
     return True
 
@@ -91,20 +109,43 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_http(proc: Managed, url: str, timeout: float) -> None:
-    """Until `url` answers 2xx; fails early, with the log's tail, if the process dies."""
+def wait_until(proc: Managed, ready: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll `ready` until it holds; fails early, with the log's tail, if the process dies, and
+    after `timeout` seconds. `ready` returns False (or raises OSError) while not there yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive(proc.pid):
             raise StackError(f"{proc.name} exited while starting; last lines of {proc.log}:\n{tail(proc.log)}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if 200 <= reply.status < 300:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            if ready():
+                return
+        except OSError:
             pass
         time.sleep(0.3)
-    raise StackError(f"{proc.name} did not answer {url} within {timeout:.0f} s; see {proc.log}:\n{tail(proc.log)}")
+    raise StackError(f"{proc.name}: {what} not within {timeout:.0f} s; see {proc.log}:\n{tail(proc.log)}")
+
+
+def answers(url: str, body: bytes | None = None) -> Any:
+    """The JSON (or True) a 2xx reply to GET url (POST with body) carries; OSError when none."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        data = reply.read()
+        return json.loads(data) if data and body is not None else True
+
+
+def stopped_unless(proc: Managed, wait: Callable[[], None]) -> Managed:
+    """`proc` once `wait` returns; if it raises, the process is stopped first, so a failed start
+    leaves nothing behind that the stack's state does not know of."""
+    try:
+        wait()
+    except BaseException:
+        stop(proc, grace=2.0)
+        raise
+    return proc
+
+
+def wait_http(proc: Managed, url: str, timeout: float) -> None:
+    wait_until(proc, lambda: answers(url), f"no answer from {url}", timeout)
 
 
 def tail(path: str, lines: int = 20) -> str:

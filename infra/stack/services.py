@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infra.stack.processes import Managed, StackError, start, wait_http
+from infra.stack.processes import Managed, StackError, answers, start, stopped_unless, wait_http, wait_until
 from infra.stack.settings import HOST, StackState, credentials
 
 BIN = Path(sys.executable).parent
@@ -43,8 +43,7 @@ def start_s3(state: StackState) -> Managed:
     cmd = [_tool("rclone"), "serve", "s3", "--addr", f"{HOST}:{state.ports.s3}", "--config", "/dev/null",
            "--log-level", "NOTICE", str(data)]
     proc = start("s3", cmd, env, state.home / "logs")
-    wait_s3(proc, state, timeout=30)
-    return proc
+    return stopped_unless(proc, lambda: wait_s3(proc, state, timeout=30))
 
 
 def s3_client(state: StackState):
@@ -56,22 +55,21 @@ def s3_client(state: StackState):
 
 
 def wait_s3(proc: Managed, state: StackState, timeout: float) -> None:
-    import time
-
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from infra.stack.processes import alive, tail
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(proc.pid):
-            raise StackError(f"the S3 store exited while starting; see {proc.log}:\n{tail(proc.log)}")
+    def ready() -> bool:
         try:
             s3_client(state).list_buckets()
-            return
-        except (BotoCoreError, ClientError):
-            time.sleep(0.2)
-    raise StackError(f"the S3 store did not answer on {state.urls['s3']} within {timeout:.0f} s; see {proc.log}")
+            return True
+        except ClientError as exc:  # it is up, and says no
+            if exc.response.get("Error", {}).get("Code") in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StackError(f"the S3 store on {state.urls['s3']} refused the keys in AWS_ACCESS_KEY_ID / "
+                                 "AWS_SECRET_ACCESS_KEY (rclone refuses keys of a few characters: use longer ones)") from None
+            return False
+        except BotoCoreError:
+            return False
+
+    wait_until(proc, ready, f"no S3 answer on {state.urls['s3']}", timeout)
 
 
 def ensure_bucket(state: StackState) -> bool:
@@ -91,8 +89,7 @@ def start_mlflow(state: StackState) -> Managed:
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--serve-artifacts", "--artifacts-destination", f"s3://{state.bucket}/mlflow"]
     proc = start("mlflow", cmd, _env(state), state.home / "logs", cwd=root)
-    wait_http(proc, f"{state.urls['mlflow']}/health", timeout=120)
-    return proc
+    return stopped_unless(proc, lambda: wait_http(proc, f"{state.urls['mlflow']}/health", timeout=120))
 
 
 def prefect_env(state: StackState) -> dict[str, str]:
@@ -104,8 +101,7 @@ def prefect_env(state: StackState) -> dict[str, str]:
 def start_prefect(state: StackState) -> Managed:
     cmd = [_tool("prefect"), "server", "start", "--host", HOST, "--port", str(state.ports.prefect), "--analytics-off"]
     proc = start("prefect", cmd, prefect_env(state), state.home / "logs")
-    wait_http(proc, f"{state.urls['prefect_api']}/health", timeout=180)
-    return proc
+    return stopped_unless(proc, lambda: wait_http(proc, f"{state.urls['prefect_api']}/health", timeout=180))
 
 
 def prefect_cli(state: StackState, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
@@ -137,32 +133,14 @@ def start_worker(state: StackState, pool: str, workspace: Path) -> Managed:
                                 "STAGEWISE_TRAIN_DEPLOYMENT": "stagewise-train-stage/train-stage"}
     cmd = [_tool("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
     proc = start(name, cmd, env, state.home / "logs", cwd=workspace)
-    wait_worker(state, pool, proc)
-    return proc
+    return stopped_unless(proc, lambda: wait_worker(state, pool, proc))
 
 
 def wait_worker(state: StackState, pool: str, proc: Managed, timeout: float = 60) -> None:
     """Until the pool lists the worker as online."""
-    import json
-    import time
-    import urllib.request
-
-    from infra.stack.processes import alive, tail
-
-    deadline = time.monotonic() + timeout
     url = f"{state.urls['prefect_api']}/work_pools/{pool}/workers/filter"
-    while time.monotonic() < deadline:
-        if not alive(proc.pid):
-            raise StackError(f"{proc.name} exited while starting; see {proc.log}:\n{tail(proc.log)}")
-        request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=5) as reply:
-                if any(w.get("name") == proc.name for w in json.load(reply)):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise StackError(f"{proc.name} did not come online in pool {pool} within {timeout:.0f} s; see {proc.log}")
+    wait_until(proc, lambda: any(w.get("name") == proc.name for w in answers(url, b"{}")),
+               f"not online in pool {pool}", timeout)
 
 
 def make_workspace(state: StackState, repo: str, workspace: Path) -> Path:
