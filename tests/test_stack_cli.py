@@ -1,17 +1,24 @@
 """infra.stack's own behaviour, without starting the servers: clear refusals, stopping by PID,
-and a client environment that carries no secret."""
+a client environment that carries no secret, and workers started at once all recorded (with a
+stand-in for the Prefect worker)."""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from infra.stack.processes import alive, start, stop
+from infra.stack import services
+from infra.stack.__main__ import main
+from infra.stack.processes import Managed, alive, start, stop
 from infra.stack.settings import Ports, StackState
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -87,3 +94,71 @@ def test_a_service_that_fails_to_start_is_stopped_not_left_behind(tmp_path):
     left = subprocess.run(["pgrep", "-f", f"rclone serve s3 .*{tmp_path}"], capture_output=True, text=True).stdout
     assert left == ""
     assert StackState.load(tmp_path).processes == {}
+
+
+def stand_in_worker(state: StackState, pool: str, workspace: Path) -> Managed:
+    """services.start_worker without a Prefect server: a process that runs until stopped, returned
+    after a pause, as the real one returns once the worker is online. Its PID goes to `started`,
+    so the test can tell (and clean up) a worker the state lost."""
+    proc = start(f"worker-{pool}", ["sleep", "300"], dict(os.environ), state.home / "logs", cwd=workspace)
+    with (state.home / "started").open("a") as started:
+        started.write(f"{proc.pid}\n")
+    time.sleep(0.02)
+    return proc
+
+
+def run_worker_command(barrier, home: Path, pool: str) -> None:  # in a child process
+    barrier.wait()
+    sys.exit(main(["--home", str(home), "worker", "--pool", pool, "--workspace", str(home)]))
+
+
+def started_pids(home: Path) -> list[int]:
+    started = home / "started"
+    return [int(pid) for pid in started.read_text().split()] if started.exists() else []
+
+
+@pytest.fixture
+def stack_home(tmp_path, monkeypatch):
+    """A stack state with no servers, whose `worker` command starts stand-ins; every stand-in is
+    killed at the end, recorded or not."""
+    monkeypatch.setattr(services, "start_worker", stand_in_worker)
+    StackState(tmp_path, Ports(1, 2, 3), "bucket", "cpu-pool", "gpu-pool").save()
+    yield tmp_path
+    for pid in filter(alive, started_pids(tmp_path)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def test_workers_started_at_the_same_moment_are_all_recorded_and_down_stops_them_all(stack_home):
+    fork = multiprocessing.get_context("fork")  # the children keep the stand-in worker
+    rounds, exit_codes = 10, []
+    for round_ in range(rounds):  # a race a round: one is likely lost, unless the state is locked
+        barrier = fork.Barrier(2)
+        commands = [fork.Process(target=run_worker_command, args=(barrier, stack_home, f"{kind}-{round_}"))
+                    for kind in ("cpu", "gpu")]
+        for command in commands:
+            command.start()
+        for command in commands:
+            command.join(timeout=30)
+            exit_codes.append(command.exitcode)
+    started = started_pids(stack_home)
+    recorded = StackState.load(stack_home).processes
+    assert len(started) == 2 * rounds
+    assert sorted(p.pid for p in recorded.values()) == sorted(started)  # none lost
+    assert exit_codes == [0] * 2 * rounds
+    assert all(alive(pid) for pid in started)
+    done = stack_cli(stack_home, "down")
+    assert done.returncode == 0, done.stderr
+    assert all(f"(pid {pid})" in done.stdout for pid in started)
+    assert not any(alive(pid) for pid in started)
+    assert StackState.load(stack_home).processes == {}
+
+
+def test_a_second_worker_for_a_running_pool_is_stopped_and_the_first_kept(stack_home, capsys):
+    command = ["--home", str(stack_home), "worker", "--pool", "cpu", "--workspace", str(stack_home)]
+    assert main(command) == 0
+    assert main(command) == 1
+    first, second = started_pids(stack_home)
+    assert f"worker-cpu already runs (pid {first})" in capsys.readouterr().err
+    assert [p.pid for p in StackState.load(stack_home).processes.values()] == [first]
+    assert alive(first) and not alive(second)

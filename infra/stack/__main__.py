@@ -11,7 +11,8 @@
     python -m infra.stack down --home .stack                    # stops every PID it started
 
 Ports come from STAGEWISE_{PREFECT,MLFLOW,S3}_PORT (defaults 4200, 5000, 9000) or `--free-ports`.
-The state (ports, URLs, PIDs, log files) is in <home>/stack.json; logs in <home>/logs/.
+The state (ports, URLs, PIDs, log files) is in <home>/stack.json; logs in <home>/logs/. Commands
+may run at once (both workers in two terminals): each change to the state is made under a lock.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import sys
 from pathlib import Path
 
 from infra.stack import services
-from infra.stack.processes import StackError, port_in_use, stop
-from infra.stack.settings import Ports, StackState
+from infra.stack.processes import Managed, StackError, alive, port_in_use, stop
+from infra.stack.settings import Ports, StackState, locked
 
 STOP_ORDER = ("worker-", "prefect", "mlflow", "s3")
 
@@ -35,6 +36,14 @@ def up(args) -> StackState:
     if busy:
         raise StackError(f"port(s) in use on 127.0.0.1: {', '.join(busy)}; set STAGEWISE_*_PORT or pass --free-ports")
     state = StackState(Path(args.home).resolve(), ports, args.bucket, args.cpu_pool, args.gpu_pool)
+    with locked(state.home):  # a `worker` or `down` meanwhile waits until the servers are up
+        start_servers(state)
+    return state
+
+
+def start_servers(state: StackState) -> None:
+    """Save the state after each start, so `down` can stop what a failure part way left; on that
+    failure, stop them here."""
     state.save()
     try:
         state.processes["s3"] = services.start_s3(state)
@@ -49,10 +58,23 @@ def up(args) -> StackState:
     except BaseException:
         down_state(state)
         raise
-    return state
+
+
+def record(home: Path, proc: Managed) -> Managed:
+    """Add a started process to the state as it is now, under the lock: starting a worker takes
+    seconds, in which another `worker` may have recorded its own (writing back the state read
+    before the start dropped that one). A live process of the same name is kept, `proc` stopped."""
+    with StackState.edit(home) as state:
+        running = state.processes.get(proc.name)
+        if running and alive(running.pid):  # replacing it would lose its PID, so `down` would miss it
+            stop(proc, grace=2.0)
+            raise StackError(f"{proc.name} already runs (pid {running.pid}); `python -m infra.stack down` stops it")
+        state.processes[proc.name] = proc
+    return proc
 
 
 def down_state(state: StackState) -> list[str]:
+    """Stop the state's processes, workers first; hold the lock (`edit`, `up`) while calling it."""
     stopped = []
     ordered = sorted(state.processes.values(),
                      key=lambda p: next(i for i, prefix in enumerate(STOP_ORDER) if p.name.startswith(prefix)))
@@ -92,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             state = up(args)
             print("\n".join(f"{k}: {v}" for k, v in state.urls.items()))
             return 0
+        if args.command == "down":
+            with StackState.edit(home) as state:
+                stopped = down_state(state)
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+            return 0
         state = StackState.load(home)
         if args.command == "env":
             print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in state.client_env().items()))
         elif args.command == "status":
-            from infra.stack.processes import alive
-
             print("\n".join(f"{k}: {v}" for k, v in state.urls.items()))
             for proc in state.processes.values():
                 print(f"{proc.name}: pid {proc.pid} {'running' if alive(proc.pid) else 'gone'}  log {proc.log}")
@@ -107,13 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             services.create_pools(state)
             print(services.deploy(state, Path(args.cpu_workspace).resolve(), Path(args.gpu_workspace).resolve()))
         elif args.command == "worker":
-            proc = services.start_worker(state, args.pool, Path(args.workspace).resolve())
-            state.processes[proc.name] = proc
-            state.save()
+            proc = record(home, services.start_worker(state, args.pool, Path(args.workspace).resolve()))
             print(f"{proc.name}: pid {proc.pid}")
-        elif args.command == "down":
-            stopped = down_state(state)
-            print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     except StackError as exc:
         print(f"stack: {exc}", file=sys.stderr)
         return 1

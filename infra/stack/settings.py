@@ -2,12 +2,20 @@
 
 Every port is configurable (and `--free-ports` picks unused ones), so several stacks, e.g. parallel
 test runs, do not clash. Credentials are read from the environment only, when a service needs them.
+
+Several `infra.stack` commands may run at once (two `worker`s in two terminals), so the state file
+is changed only under a lock (`StackState.edit`, or `locked` for `up`, which writes a fresh one) and
+always written by atomic replace: a reader sees the old state or the new one, never half of one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +23,7 @@ from infra.stack.processes import Managed, StackError, free_port
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
+LOCK_FILE = "stack.json.lock"  # never deleted: two processes would then lock two different files
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
@@ -77,22 +86,61 @@ class StackState:
         }
 
     def save(self) -> None:
+        """Write the state by atomic replace (temp file in the same folder, fsync, rename), so a
+        crash or a concurrent reader never meets a half-written stack.json. Call it while holding
+        `locked(home)` (`edit` and `up` do), or another command's change may be overwritten."""
         self.home.mkdir(parents=True, exist_ok=True)
         data = {"home": str(self.home), "ports": asdict(self.ports), "bucket": self.bucket,
                 "cpu_pool": self.cpu_pool, "gpu_pool": self.gpu_pool,
                 "urls": self.urls, "processes": {k: p.to_json() for k, p in self.processes.items()}}
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(self.file)
+        fd, tmp = tempfile.mkstemp(dir=self.home, prefix=f".{STATE_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(data, indent=2) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, home: Path) -> StackState:
-        file = home / STATE_FILE
-        if not file.is_file():
-            raise StackError(f"{file}: no stack state (start one with `python -m infra.stack up --home {home}`)")
-        data = json.loads(file.read_text())
+        """The state as last saved; safe without the lock, as saves replace the file whole."""
+        data = json.loads(existing_state_file(home).read_text())
         return cls(Path(data["home"]), Ports(**data["ports"]), data["bucket"], data["cpu_pool"], data["gpu_pool"],
                    {k: Managed(**p) for k, p in data["processes"].items()})
+
+    @classmethod
+    @contextmanager
+    def edit(cls, home: Path) -> Iterator[StackState]:
+        """The one way to change an existing stack.json: read under the lock, changed in the `with`
+        block, written back before the lock is let go. Without it, two workers started at once each
+        wrote back the state read before the other's write, and one PID was lost. An error in the
+        block writes nothing."""
+        existing_state_file(home)  # no stack: say so, before leaving a lock file in a folder with none
+        with locked(home):
+            state = cls.load(home)
+            yield state
+            state.save()
+
+
+def existing_state_file(home: Path) -> Path:
+    file = home / STATE_FILE
+    if not file.is_file():
+        raise StackError(f"{file}: no stack state (start one with `python -m infra.stack up --home {home}`)")
+    return file
+
+
+@contextmanager
+def locked(home: Path) -> Iterator[None]:
+    """An exclusive lock on <home>/stack.json.lock for the `with` block. flock waits for another
+    holder, and the kernel lets go when the file closes, also when its process dies, so a killed
+    command never leaves the stack locked."""
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / LOCK_FILE).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def credentials() -> dict[str, str]:
