@@ -12,7 +12,7 @@ building never holds more than one layer in 16 bits (a whole bf16 model would be
 layout is the production one (`tasks.core.modeling.load_base_model(info, "nf4")`): attention
 `Linear4bit` (NF4, double quantization), fused experts NF4 through `quantize_fused_experts`,
 embeddings / LM head / norms / router in bf16. LoRA comes from `params.yaml` `train.lora` (r 16,
-alpha 32, attention q/k/v/o and both expert stacks) through `tasks.train.peft_lora_config`; the
+alpha 32, attention q/k/v/o and both expert stacks) through `tasks.core.adapters.peft_lora_config`; the
 expert rank is the same default r 16 unless `--expert-rank` says otherwise (peft `rank_pattern`,
 alpha scaled to keep alpha/r). Training: batch 1 x 2048 random tokens, non-reentrant gradient
 checkpointing, bf16 autocast, bitsandbytes `PagedAdamW8bit`; warmup steps are not timed.
@@ -32,7 +32,7 @@ Memory arithmetic for the flagship at the default ranks (`--estimate` prints it;
 Estimated peak allocated ~25.3 GB (23.6 GiB): weights ~16.7 GB, LoRA state ~5.1 GB, then the larger
 of the two transients (they do not overlap) and the checkpoints. So at r 16 on every expert the goal
 (peak <= 20 GiB) is not expected to hold; the run measures it (`goal.met` in the JSON). Unlike
-`tasks.train.attach_adapter`, no `prepare_model_for_kbit_training`: it would upcast embeddings, LM
+`tasks.core.adapters.attach_adapter`, no `prepare_model_for_kbit_training`: it would upcast embeddings, LM
 head, norms and router to fp32 (+1.27 GB here).
 """
 
@@ -228,7 +228,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, attention_rank: int, e
 
     from peft import get_peft_model
 
-    from tasks.train import peft_lora_config
+    from tasks.core.adapters import peft_lora_config
 
     cfg = bench_lora_config(lora, attention_rank)
     peft_cfg = peft_lora_config(cfg, model)

@@ -95,7 +95,7 @@ def baseline(params, tokenizer, num_proc: int | None) -> tuple[float, int]:
         return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
 
     frames = []
-    for stage, spec in params.data.stages.items():
+    for stage, spec in params.stages.items():
         key = "text" if spec.kind == "pretrain" else "messages"
         frames.append(Dataset.from_list([{key: r[key]} for r in read_jsonl(paths.raw_file(stage))]))
     started = time.perf_counter()

@@ -33,12 +33,12 @@ def stagewise_tokens_per_second(stage: str, steps: int, params) -> float:
 
     from tasks.core.modeling import BaseInfo, load_base_model, load_tokenizer
     from tasks.core.trainer import Schedule, run_trainer
-    from tasks.train import peft_lora_config
+    from tasks.core.adapters import peft_lora_config
 
     info = BaseInfo.load()
     tokenizer = load_tokenizer(info)
     set_seed(params.seed)
-    spec = params.train.stages[stage]
+    spec = params.stages[stage].train
     base = load_base_model(info)
     model = get_peft_model(base, peft_lora_config(params.train.lora, base))
     schedule = Schedule(max_steps=steps, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
@@ -56,7 +56,7 @@ def trl_tokens_per_second(stage: str, steps: int, params) -> float:
 
     from tasks.core.chat import generation_prompt
     from tasks.core.modeling import BaseInfo, load_base_model, load_tokenizer
-    from tasks.train import peft_lora_config
+    from tasks.core.adapters import peft_lora_config
 
     info = BaseInfo.load()
     tokenizer = load_tokenizer(info)
@@ -68,7 +68,7 @@ def trl_tokens_per_second(stage: str, steps: int, params) -> float:
                           "completion": messages[-1]["content"] + tokenizer.eos_token})
     set_seed(params.seed)
     model = load_base_model(info)
-    spec = params.train.stages[stage]
+    spec = params.stages[stage].train
     with tempfile.TemporaryDirectory() as work:
         config = SFTConfig(
             output_dir=work, max_steps=steps, per_device_train_batch_size=spec.batch_size,
@@ -100,7 +100,7 @@ def main() -> int:
         ours.append(stagewise_tokens_per_second(args.stage, args.steps, params))
         theirs.append(trl_tokens_per_second(args.stage, args.steps, params))
     best_ours, best_theirs = max(ours), max(theirs)
-    print(f"stage {args.stage}, {args.steps} steps x batch {params.train.stages[args.stage].batch_size}, {args.repeats} repeats")
+    print(f"stage {args.stage}, {args.steps} steps x batch {params.stages[args.stage].train.batch_size}, {args.repeats} repeats")
     print(f"stagewise: {', '.join(f'{x:.0f}' for x in ours)} tokens/s (best {best_ours:.0f})")
     print(f"TRL SFTTrainer: {', '.join(f'{x:.0f}' for x in theirs)} tokens/s (best {best_theirs:.0f})")
     print(f"ratio (best/best): {best_ours / best_theirs:.2f}x")

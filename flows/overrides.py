@@ -13,10 +13,10 @@ from tasks.core.config import ConfigError, parse_params
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """`train.stages.syntax.max_steps=200` -> ("train.stages.syntax.max_steps", 200)."""
+    """`stages.syntax.train.max_steps=200` -> ("stages.syntax.train.max_steps", 200)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. train.stages.syntax.max_steps=200)")
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. stages.syntax.train.max_steps=200)")
     parsed = yaml.safe_load(value)
     if isinstance(parsed, str):  # YAML 1.1 reads `1e-3` as a string; params want the number
         try:

@@ -18,10 +18,10 @@ PARAMS_KEYS: dict[str, str] = {
     "quantization": "train.quantization",
     "chain_policy": "train.chain_policy",
     "lora_r": "train.lora.r",
-    "embedding_max_steps": "train.stages.embedding.max_steps",
-    "syntax_max_steps": "train.stages.syntax.max_steps",
-    "thinking_max_steps": "train.stages.thinking.max_steps",
-    "instructions_max_steps": "train.stages.instructions.max_steps",
+    "embedding_max_steps": "stages.embedding.train.max_steps",
+    "syntax_max_steps": "stages.syntax.train.max_steps",
+    "thinking_max_steps": "stages.thinking.train.max_steps",
+    "instructions_max_steps": "stages.instructions.train.max_steps",
     "eval_max_generate": "evaluate.max_generate",
     "export_enabled": "export.enabled",
     "model_name": "register.model_name",
@@ -49,7 +49,7 @@ class RunParameters(BaseModel):
     export_enabled: bool | None = _key("export_enabled")
     model_name: str | None = _key("model_name")
     set: dict[str, Any] = Field(default_factory=dict,
-                                description="any other params.yaml key by dotted name, e.g. {\"train.stages.syntax.learning_rate\": 0.001}")
+                                description="any other params.yaml key by dotted name, e.g. {\"stages.syntax.train.learning_rate\": 0.001}")
 
     def overrides(self) -> dict[str, Any]:
         """Dotted params.yaml key -> value, for the fields that were filled in."""

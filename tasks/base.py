@@ -14,18 +14,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prefect import task
-
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
-from tasks.core.config import Params, load_params
+from tasks.core.config import CleanConfig, Params, StageSpec, TinyModelConfig, load_params
 from tasks.core.modeling import (
     BaseInfo,
     build_tiny_model,
     resolve_external,
     train_tokenizer,
 )
-from tasks.core.records import content_hash, read_jsonl, split_of, write_json
+from tasks.core.records import read_jsonl, write_json
 from tasks.core.trainer import Schedule, run_trainer
 
 log = logging.getLogger(__name__)
@@ -66,22 +64,20 @@ def with_chat_markup(texts: list[str], share: float, seed: int) -> list[str]:
     return out
 
 
-def build_tiny_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
-    """Tokenizer + tiny Qwen3-MoE, pretrained on the embedding corpus, saved as safetensors."""
+def build_tiny_base(tiny: TinyModelConfig, corpus: list[str], seed: int, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
+    """Tokenizer + tiny Qwen3-MoE, pretrained on the corpus, saved as safetensors."""
     from tasks.core.chat import encode_text
 
-    tiny = params.model.tiny
-    raw = pretraining_texts(params)
-    texts = with_chat_markup(raw, tiny.pretrain.chat_markup_share, params.seed)
+    texts = with_chat_markup(corpus, tiny.pretrain.chat_markup_share, seed)
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
-    model = build_tiny_model(tiny, tokenizer, params.seed)
+    model = build_tiny_model(tiny, tokenizer, seed)
     rows = pack_for_pretraining([encode_text(tokenizer, t).input_ids for t in texts], tiny.pretrain.max_length)
     schedule = Schedule(
         max_steps=tiny.pretrain.max_steps,
         batch_size=tiny.pretrain.batch_size,
         learning_rate=tiny.pretrain.learning_rate,
         warmup_ratio=tiny.pretrain.warmup_ratio,
-        seed=params.seed,
+        seed=seed,
     )
     log.info("pretraining tiny base: %d params, %d rows of %d tokens", model.num_parameters(), len(rows), tiny.pretrain.max_length)
     with tempfile.TemporaryDirectory() as work:
@@ -92,39 +88,38 @@ def build_tiny_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
     return BaseInfo(kind="tiny", name_or_path=str(out_dir), num_parameters=model.num_parameters())
 
 
-def pretraining_texts(params: Params) -> list[str]:
-    """The corpus stage's raw texts that `prepare` will put in the train split: its eval split
-    must stay unseen by the base, or the base's eval perplexity is measured on training data."""
-    return [
-        rec["text"] for rec in read_jsonl(paths.raw_file(_corpus_stage(params)))
-        if split_of(content_hash({"text": rec["text"]}), params.prepare.eval_fraction) == "train"
-    ]
+def pretraining_texts(corpus_stage: str, clean: CleanConfig, eval_fraction: float) -> list[str]:
+    """The corpus stage's texts, cleaned as `prepare` cleans them, that `prepare` will put in the
+    train split (decided on the cleaned content, as `prepare` decides it): its eval split must stay
+    unseen by the base, or the base's eval perplexity is measured on training data."""
+    from tasks.data.split import split_of_content
+
+    from tasks.data.clean import final_content
+
+    kept = [final_content({"text": rec["text"]}, clean)[0] for rec in read_jsonl(paths.raw_file(corpus_stage))]
+    return [record["text"] for record in kept if split_of_content(record, clean, eval_fraction) == "train"]
 
 
-def _corpus_stage(params: Params) -> str:
+def corpus_stage(stages: dict[str, StageSpec]) -> str:
     """The stage whose raw text pretrains the tiny base: the first `pretrain` stage of the plan."""
-    for name, spec in params.data.stages.items():
+    for name, spec in stages.items():
         if spec.kind == "pretrain":
             return name
-    return params.stage_names[0]
+    return next(iter(stages))
 
 
 def resolve_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
+    """Resolve (or build) the base model."""
     import dataclasses
 
     if params.model.name_or_path:
         info = resolve_external(params.model)
     else:
-        info = build_tiny_base(params, out_dir)
+        corpus = pretraining_texts(corpus_stage(params.stages), params.prepare.clean, params.prepare.eval_fraction)
+        info = build_tiny_base(params.model.tiny, corpus, params.seed, out_dir)
     info = dataclasses.replace(info, added_tokens=list(params.model.add_tokens))
     info.save(out_dir)
     return info
-
-
-@task(name="base")
-def base_task(params: Params) -> BaseInfo:
-    """Resolve (or build) the base model."""
-    return resolve_base(params)
 
 
 def main(argv: list[str] | None = None) -> int:

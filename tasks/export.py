@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefect import task
-
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import ExportConfig, Params, load_params
@@ -189,7 +187,7 @@ def export_final_model(params: Params, out_dir: Path = paths.MERGED_DIR) -> Expo
     from tasks.core.chain import merged_chain_of
     from tasks.core.modeling import BaseInfo
 
-    final = params.train.final_stage
+    final = params.final_stage
     if params.export.enabled:
         info = BaseInfo.load()
         result = export_model(info, final, params.stage_names, params.export, out_dir)
@@ -229,22 +227,6 @@ def check_parity(result: ExportResult) -> None:
         f"save; do not serve this copy (see {paths.EXPORT_METRICS}). bf16 rounding alone is ~1e-3 on the tiny model: "
         f"raise export.max_kl only if you have checked that the gap is rounding."
     )
-
-
-def export_metrics(metrics_file: Path = paths.EXPORT_METRICS) -> dict[str, float]:
-    """metrics/export.json as flat MLflow metrics (`export.kl_mean`, ..., `export.passed` 0/1)."""
-    if not metrics_file.exists():
-        return {}
-    data = json.loads(metrics_file.read_text())
-    return {f"export.{k}": float(v) for k, v in data.items() if isinstance(v, (int, float))}
-
-
-@task(name="export")
-def export_task(params: Params) -> ExportResult:
-    """Merge the final adapter chain into one checkpoint and check its parity."""
-    result = export_final_model(params)
-    check_parity(result)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:

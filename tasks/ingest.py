@@ -1,6 +1,6 @@
 """`ingest` stage: bring each curriculum stage's records into `data/raw/<stage>.jsonl`.
 
-A stage with `data.stages.<stage>.sources` reads them (local files, globs, `save_to_disk` folders,
+A stage with `stages.<stage>.data.sources` reads them (local files, globs, `save_to_disk` folders,
 `s3://` URIs) and maps each item to stage records through its preset; a stage without sources gets
 the embedded synthetic curriculum. Nothing is dropped silently: every item that cannot become a
 record, and every repaired one, goes to the stage's rejects file with its reason.
@@ -22,12 +22,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
-from tasks.core.config import ConfigError, DataStageSpec, Params, SourceSpec, load_params
+from tasks.core.config import ConfigError, Params, SourceSpec, StageSpec, load_params
 from tasks.core.records import RecordError, write_json, write_jsonl
 from tasks.data.errors import Reject, SourceError
 
@@ -77,13 +74,13 @@ class IngestedStage:
 def _warn_if_untracked(spec: SourceSpec, stage: str) -> None:
     """DVC hashes data/sources/; a local file elsewhere can change without re-running the pipeline."""
     if spec.path.startswith("s3://"):
-        log.info("data.stages.%s: %s is read from S3; DVC does not see its content change "
+        log.info("stages.%s.data.sources: %s is read from S3; DVC does not see its content change "
                  "(run `dvc repro --force ingest` after updating it)", stage, spec.path)
         return
     try:
         Path(spec.path).resolve().relative_to(paths.SOURCES_DIR.resolve())
     except ValueError:
-        log.warning("data.stages.%s: %s is outside %s/: DVC does not track it, so editing it will not "
+        log.warning("stages.%s.data.sources: %s is outside %s/: DVC does not track it, so editing it will not "
                     "re-run the pipeline; move it under %s/", stage, spec.path, paths.SOURCES_DIR, paths.SOURCES_DIR)
 
 
@@ -128,24 +125,24 @@ def _check_losses(stage: str, summaries: list[SourceSummary], max_share: float) 
             continue
         top = ", ".join(f"{reason} x{n}" for reason, n in s.dropped.most_common(3)) or "no items found"
         raise SourceError(
-            f"data.stages.{stage}.sources[{s.index}] ({s.path}): {s.records} records, "
+            f"stages.{stage}.data.sources[{s.index}] ({s.path}): {s.records} records, "
             f"{sum(s.dropped.values())} rejected ({top}); more than data.max_reject_share={max_share} "
             f"of its items. Check its preset/format/fields; every reject and its reason is in "
             f"{paths.raw_rejects(stage)}"
         )
 
 
-def ingest_stage(stage: str, spec: DataStageSpec, params: Params) -> IngestedStage:
+def ingest_stage(stage: str, spec: StageSpec, seed: int, max_reject_share: float) -> IngestedStage:
     """Write one stage's raw records, rejects and report; fails after writing if a source lost too much."""
     from tasks.data.synthetic import generate_stage_records
 
-    if not spec.sources:
-        generated = generate_stage_records(stage, spec.kind, spec.n_records or 0, params.seed)
+    if not spec.data.sources:
+        generated = generate_stage_records(stage, spec.kind, spec.data.n_records or 0, seed)
         records = [r | {"origin": {"source": "synthetic", "where": f"#{i}"}} for i, r in enumerate(generated)]
         rejects, summaries = [], []
     else:
         records, rejects, summaries = [], [], []
-        for index, source in enumerate(spec.sources):
+        for index, source in enumerate(spec.data.sources):
             _warn_if_untracked(source, stage)
             started = time.perf_counter()
             got, lost, summary = ingest_source(source, index, spec.kind)
@@ -159,19 +156,13 @@ def ingest_stage(stage: str, spec: DataStageSpec, params: Params) -> IngestedSta
     write_jsonl(paths.raw_file(stage), records)
     write_jsonl(paths.raw_rejects(stage), (r.to_json() for r in rejects))
     write_json(paths.raw_report(stage), result.report())
-    _check_losses(stage, summaries, params.data.max_reject_share)
+    _check_losses(stage, summaries, max_reject_share)
     return result
 
 
 def ingest_all(params: Params) -> list[IngestedStage]:
-    return [ingest_stage(stage, spec, params) for stage, spec in params.data.stages.items()]
-
-
-# Never cache: sources are files (or S3 objects) that params alone do not identify.
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest_task(params: Params) -> list[IngestedStage]:
     """Read every stage's sources (or generate the curriculum) into data/raw."""
-    return ingest_all(params)
+    return [ingest_stage(stage, spec, params.seed, params.data.max_reject_share) for stage, spec in params.stages.items()]
 
 
 def _describe(result: IngestedStage) -> str:

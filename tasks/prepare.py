@@ -32,21 +32,18 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.core import paths
 from tasks.core.chat import IGNORE_INDEX, Encoded
 from tasks.core.cli import run_stage_cli
-from tasks.core.config import DataStageSpec, Params, PrepareConfig, load_params
+from tasks.core.config import Params, PrepareConfig, StageSpec, load_params
 from tasks.core.records import (
     canonical_json,
     read_jsonl,
@@ -55,38 +52,13 @@ from tasks.core.records import (
     write_jsonl,
 )
 from tasks.data.errors import Reject
+from tasks.data.rows import ROW_LISTS, Record, Rows, concat_arrays, packed_schema, packed_table, prepared_schema, write_table  # noqa: F401 - re-exported
 from tasks.data.tokenize_pool import Encoder, Located, StageFirstPool, encode_records
 
 if TYPE_CHECKING:
     from tasks.data.decontaminate import NgramIndex
-    from tasks.data.packing import PackedColumns
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Record:
-    """One raw record on its way through prepare: content, where it came from, and its hash."""
-
-    content: dict  # {"text"} or {"messages"}
-    origin: dict  # {"source": index | "synthetic", "uri"?, "where"}
-    digest: str = ""
-    canonical: str = ""  # canonical JSON of content: hashed for the split, stored as record_json
-
-    @functools.cached_property
-    def plain_text(self) -> str:
-        """What dedupe and decontamination compare; `clean_records` sets it once cleaning is final."""
-        from tasks.data.clean import record_text
-
-        return record_text(self.content)
-
-    @property
-    def uri(self) -> str:
-        return str(self.origin.get("uri", "synthetic"))
-
-    @property
-    def where(self) -> str:
-        return str(self.origin.get("where", ""))
 
 
 @dataclass
@@ -94,7 +66,7 @@ class StageData:
     """A stage between the phases of prepare, with everything it lost on the way."""
 
     stage: str
-    spec: DataStageSpec
+    spec: StageSpec
     train: list[Record] = field(default_factory=list)
     eval: list[Record] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
@@ -118,27 +90,25 @@ class PreparedStage:
 # --- clean, dedupe, split -----------------------------------------------------------------------
 
 
-def clean_records(stage: str, spec: DataStageSpec, raw: list[dict], cfg: PrepareConfig) -> tuple[StageData, list[Record]]:
+def clean_records(stage: str, spec: StageSpec, raw: list[dict], cfg: PrepareConfig) -> tuple[StageData, list[Record]]:
     """Every record cleaned (changes logged) and hashed, in input order, before dedupe."""
-    from tasks.data.clean import clean_record, may_change, record_text
+    from tasks.data.clean import final_content, record_text
 
     data = StageData(stage, spec)
     kept: list[Record] = []
     for obj in raw:
         origin = obj.get("origin") or {}
         record = Record({k: v for k, v in obj.items() if k != "origin"}, origin)
-        text = record_text(record.content)
-        if may_change(text, cfg.clean):
-            cleaned, reasons = clean_record(record.content, cfg.clean)
-            if cleaned != record.content:
-                data.reject(record, ",".join(reasons), "cleaned; the record kept is in the training data", "changed")
-                record.content = cleaned
-                text = record_text(cleaned)
-            elif reasons:  # reported but left as is (e.g. U+FFFD: the original character is unknowable)
-                data.counts.update(f"flagged.{r}" for r in reasons)
-        record.plain_text = text  # type: ignore[misc] - fills the cached property
+        cleaned, reasons = final_content(record.content, cfg.clean)
+        if cleaned != record.content:
+            data.reject(record, ",".join(reasons), "cleaned; the record kept is in the training data", "changed")
+            record.content = cleaned
+        elif reasons:  # reported but left as is (e.g. U+FFFD: the original character is unknowable)
+            data.counts.update(f"flagged.{r}" for r in reasons)
+        record.plain_text = record_text(record.content)  # type: ignore[misc] - fills the cached property
         record.canonical = canonical_json(record.content)
-        record.digest = hashlib.sha256(record.canonical.encode("utf-8")).hexdigest()  # = content_hash
+        # = content_hash(record.content), the hash tasks/data/split.py decides the split by
+        record.digest = hashlib.sha256(record.canonical.encode("utf-8")).hexdigest()
         kept.append(record)
     return data, kept
 
@@ -156,7 +126,7 @@ def dedupe_and_split(data: StageData, records: list[Record], cfg: PrepareConfig,
         (data.eval if split_of(record.digest, cfg.eval_fraction) == "eval" else data.train).append(record)
 
 
-def clean_and_split(stage: str, spec: DataStageSpec, raw: list[dict], cfg: PrepareConfig, seed: int) -> StageData:
+def clean_and_split(stage: str, spec: StageSpec, raw: list[dict], cfg: PrepareConfig, seed: int) -> StageData:
     """Clean every record, drop duplicates, and split the rest by content hash."""
     data, records = clean_records(stage, spec, raw, cfg)
     dedupe_and_split(data, records, cfg, seed)
@@ -317,8 +287,8 @@ def split_rows(data: StageData, split: str, tokenizer, cfg: PrepareConfig,
                 columns[name].append(value)
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum([b - a for _, _, a, b in pieces], out=offsets[1:])
-    return Rows(_concat([batch.input_ids[a:b] for batch, _, a, b in pieces]),
-                _concat([batch.labels[a:b] for batch, _, a, b in pieces]), offsets, **columns)
+    return Rows(concat_arrays([batch.input_ids[a:b] for batch, _, a, b in pieces]),
+                concat_arrays([batch.labels[a:b] for batch, _, a, b in pieces]), offsets, **columns)
 
 
 def encode_split(data: StageData, split: str, tokenizer, cfg: PrepareConfig) -> tuple[list[dict], list[str]]:
@@ -330,118 +300,6 @@ def encode_split(data: StageData, split: str, tokenizer, cfg: PrepareConfig) -> 
 # --- rows -----------------------------------------------------------------------------------------
 
 # The written columns that are one string per row, in `prepared_schema` order.
-STRING_COLUMNS = ("content_hash", "split", "record_json", "source_stage", "text", "roles", "last_reply", "origin")
-ROW_LISTS = (*STRING_COLUMNS, "source")
-
-
-def _concat(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
-
-
-@dataclass(frozen=True)
-class Rows:
-    """A split's rows as columns: tokens flattened into int32 arrays (row i is
-    `offsets[i]:offsets[i + 1]`), the rest in lists, so building, weighting, replaying, packing and
-    writing millions of tokens creates no Python object per token. `to_dicts` is the row view.
-    """
-
-    input_ids: np.ndarray  # int32, every row's tokens one after another
-    labels: np.ndarray  # int32, IGNORE_INDEX where the token is not trained on
-    offsets: np.ndarray  # int64, len(rows) + 1
-    content_hash: list[str]
-    split: list[str]
-    record_json: list[str]
-    source_stage: list[str]  # the stage the row came from (differs for replayed rows)
-    text: list[str]
-    roles: list[str]
-    last_reply: list[str]
-    origin: list[str]
-    source: list[str]  # the row's source within its stage, for mixture weights; not written
-
-    @classmethod
-    def empty(cls) -> Rows:
-        return cls.concat([])
-
-    def __len__(self) -> int:
-        return len(self.content_hash)
-
-    @property
-    def n_tokens(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @property
-    def n_trainable(self) -> np.ndarray:
-        trained = np.zeros(len(self.labels) + 1, dtype=np.int64)
-        np.cumsum(self.labels != IGNORE_INDEX, out=trained[1:])
-        return trained[self.offsets[1:]] - trained[self.offsets[:-1]]
-
-    def take(self, indices: Sequence[int]) -> Rows:
-        """The rows at `indices`, in that order (repeats allowed)."""
-        picked = np.asarray(indices, dtype=np.int64)
-        lengths = self.n_tokens[picked]
-        offsets = np.zeros(len(picked) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        gather = np.arange(offsets[-1], dtype=np.int64) + np.repeat(self.offsets[:-1][picked] - offsets[:-1], lengths)
-        lists = {name: [getattr(self, name)[i] for i in picked.tolist()] for name in ROW_LISTS}
-        return Rows(self.input_ids[gather], self.labels[gather], offsets, **lists)
-
-    @staticmethod
-    def concat(parts: Sequence[Rows]) -> Rows:
-        offsets = np.zeros(sum(map(len, parts)) + 1, dtype=np.int64)
-        np.cumsum(np.concatenate([p.n_tokens for p in parts] or [np.zeros(0, dtype=np.int64)]), out=offsets[1:])
-        lists = {name: [value for p in parts for value in getattr(p, name)] for name in ROW_LISTS}
-        return Rows(_concat([p.input_ids for p in parts]), _concat([p.labels for p in parts]), offsets, **lists)
-
-    @staticmethod
-    def take_across(parts: Sequence[Rows], indices: Sequence[int]) -> Rows:
-        """`Rows.concat(parts).take(indices)` without copying the rows that are not taken."""
-        picked = np.asarray(indices, dtype=np.int64)
-        bounds = np.cumsum([0] + [len(p) for p in parts])
-        part = np.searchsorted(bounds, picked, side="right") - 1
-        order = np.argsort(part, kind="stable")  # grouped by part, each group in request order
-        grouped = Rows.concat([p.take(picked[part == k] - bounds[k]) for k, p in enumerate(parts)])
-        return grouped.take(np.argsort(order))
-
-    def with_hashes(self, content_hash: list[str]) -> Rows:
-        return replace(self, content_hash=content_hash)
-
-    def table(self, schema):
-        """The rows as an Arrow table of `schema` (`prepare.prepared_schema`)."""
-        import pyarrow as pa
-
-        n_tokens, n_trainable = self.n_tokens, self.n_trainable
-        offsets = pa.array(self.offsets.astype(np.int32))
-        columns = {
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.input_ids), type=schema.field("input_ids").type),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(self.labels), type=schema.field("labels").type),
-            "n_tokens": pa.array(n_tokens, type=pa.int64()),
-            "n_trainable": pa.array(n_trainable, type=pa.int64()),
-            "trainable_share": pa.array(n_trainable / np.maximum(n_tokens, 1), type=pa.float64()),
-        }
-        columns |= {name: pa.array(getattr(self, name), type=pa.string()) for name in STRING_COLUMNS}
-        return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
-
-    def to_dicts(self) -> list[dict]:
-        """One dict per row with the written fields; token lists as Python lists."""
-        n_tokens, n_trainable = self.n_tokens.tolist(), self.n_trainable.tolist()
-        bounds = self.offsets.tolist()
-        rows = []
-        for i in range(len(self)):
-            lo, hi = bounds[i], bounds[i + 1]
-            rows.append({
-                "input_ids": self.input_ids[lo:hi].tolist(),
-                "labels": self.labels[lo:hi].tolist(),
-                "n_tokens": n_tokens[i],
-                "n_trainable": n_trainable[i],
-                "trainable_share": n_trainable[i] / max(n_tokens[i], 1),
-                **{name: getattr(self, name)[i] for name in STRING_COLUMNS},
-            })
-        return rows
-
-
-# --- mix: weights and replay --------------------------------------------------------------------
-
-
 def weight_plan(sources: list[str], weights: dict[str, float], stage: str, seed: int) -> tuple[list[tuple[int, int]], Counter]:
     """Each source's mixture weight applied to its training rows: w=2.5 keeps every row twice plus
     half of them once more. The (row index, copy number) of each row of the mix, and the counts."""
@@ -497,80 +355,12 @@ def replay_rows(stage: str, own: list[dict], earlier: list[list[dict]], share: f
 # --- write ----------------------------------------------------------------------------------------
 
 
-def prepared_schema():
-    """The Parquet schema of a prepared split: the contract `validate` and `train` read."""
-    import pyarrow as pa
-
-    return pa.schema([
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),  # -100 where the token is not trained on
-        ("n_tokens", pa.int64()),
-        ("n_trainable", pa.int64()),
-        ("trainable_share", pa.float64()),
-        ("content_hash", pa.string()),
-        ("split", pa.string()),
-        ("record_json", pa.string()),
-        ("source_stage", pa.string()),  # the stage the row came from (differs for replayed rows)
-        ("text", pa.string()),  # as trained: the chat template applied
-        ("roles", pa.string()),  # "user,assistant,..."; "" for raw text
-        ("last_reply", pa.string()),  # the final assistant message; "" for raw text
-        ("origin", pa.string()),  # source file or URI and where in it
-    ])
-
-
-def packed_schema():
-    import pyarrow as pa
-
-    return pa.schema([
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("position_ids", pa.list_(pa.int32())),  # restart at 0 at each record: attention stays per record
-        ("seq_lengths", pa.list_(pa.int32())),
-        ("content_hashes", pa.list_(pa.string())),
-        ("n_tokens", pa.int64()),
-    ])
-
-
-def _list_column(offsets, values, type_):
-    import numpy as np
-    import pyarrow as pa
-
-    return pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)),
-                                    pa.array(np.asarray(values, dtype=type_.value_type.to_pandas_dtype())), type=type_)
-
-
-def packed_table(columns: PackedColumns):
-    """The packed rows' table, built from flat columns."""
-    import pyarrow as pa
-
-    schema = packed_schema()
-    tokens, seqs = columns.token_offsets, columns.seq_offsets
-    arrays = [
-        _list_column(tokens, columns.input_ids, schema.field("input_ids").type),
-        _list_column(tokens, columns.labels, schema.field("labels").type),
-        _list_column(tokens, columns.position_ids, schema.field("position_ids").type),
-        _list_column(seqs, columns.seq_lengths, schema.field("seq_lengths").type),
-        pa.ListArray.from_arrays(pa.array(seqs.astype("int32")), pa.array(columns.content_hashes, type=pa.string())),
-        pa.array(columns.n_tokens, type=pa.int64()),
-    ]
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
 def pack_rows(train: Rows, row_length: int):
     """Best-fit-decreasing packed rows of a prepared split, as a table, and their stats."""
     from tasks.data.packing import pack_flat
 
     columns, stats = pack_flat(train.offsets, train.input_ids, train.labels, train.content_hash, row_length)
     return packed_table(columns), stats
-
-
-def write_table(table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
 
 
 def _ingest_rejects(stage: str) -> list[dict]:
@@ -624,7 +414,7 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def clean_split_and_encode(raw_stages: list[tuple[str, DataStageSpec, list[dict]]], cfg: PrepareConfig, seed: int,
+def clean_split_and_encode(raw_stages: list[tuple[str, StageSpec, list[dict]]], cfg: PrepareConfig, seed: int,
                            encoder: Encoder) -> list[StageData]:
     """Clean, dedupe, split and decontaminate every stage (what `clean_and_split` and
     `decontaminate` do), handing each record to `encoder` as soon as nothing can drop it any more."""
@@ -655,11 +445,11 @@ def prepare_all(params: Params) -> list[PreparedStage]:
     try:
         with _cyclic_gc_paused():
             encoder = Encoder(tokenizer, tokenizing)
-            raw = [(stage, spec, read_jsonl(paths.raw_file(stage))) for stage, spec in params.data.stages.items()]
+            raw = [(stage, spec, read_jsonl(paths.raw_file(stage))) for stage, spec in params.stages.items()]
             stages = clean_split_and_encode(raw, params.prepare, params.seed, encoder)
             log.info("prepare: cleaned, deduplicated, split and decontaminated %d stages in %.1f s",
                      len(stages), time.perf_counter() - started)
-            results = finish_stages(params, stages, encoder, writing)
+            results = finish_stages(stages, encoder, writing, params.prepare, params.seed)
     finally:
         tokenizing.shutdown()
         writing.shutdown()
@@ -667,13 +457,13 @@ def prepare_all(params: Params) -> list[PreparedStage]:
     return results
 
 
-def finish_stages(params: Params, stages: list[StageData], encoder: Encoder, writing: Executor) -> list[PreparedStage]:
+def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, cfg: PrepareConfig,
+                  seed: int) -> list[PreparedStage]:
     """Per stage, once its tokens are in: length policy, weights, replay, packing, files, report.
 
     Parquet files are compressed and written in `writing` (pyarrow releases the GIL) while the next
     stage's rows are built here.
     """
-    cfg = params.prepare
     results, report, own_train, writes = [], {}, [], []
     for data in stages:
         stage_started = time.perf_counter()
@@ -681,10 +471,10 @@ def finish_stages(params: Params, stages: list[StageData], encoder: Encoder, wri
         train = split_rows(data, "train", encoder.tokenizer, cfg, encoded)
         eval_rows = split_rows(data, "eval", encoder.tokenizer, cfg, encoded)
         encoded_at = time.perf_counter()
-        weights = {str(i): s.weight for i, s in enumerate(data.spec.sources)}
-        train, weight_counts = weight_rows(train, weights, data.stage, params.seed)
+        weights = {str(i): s.weight for i, s in enumerate(data.spec.data.sources)}
+        train, weight_counts = weight_rows(train, weights, data.stage, seed)
         data.counts.update(weight_counts)
-        replay = replay_plan(data.stage, len(train), sum(map(len, own_train)), data.spec.replay_share, params.seed)
+        replay = replay_plan(data.stage, len(train), sum(map(len, own_train)), data.spec.data.replay_share, seed)
         replayed = Rows.take_across(own_train, replay) if replay else Rows.empty()
         own_train.append(train)
         train = Rows.concat([train, replayed]) if replay else train
@@ -706,12 +496,6 @@ def finish_stages(params: Params, stages: list[StageData], encoder: Encoder, wri
         write.result()
     write_json(paths.DATA_REPORT, report)
     return results
-
-
-@task(name="prepare", cache_policy=NO_CACHE)
-def prepare_task(params: Params) -> list[PreparedStage]:
-    """Clean, dedupe, decontaminate, tokenize, split, mix and pack every stage's data."""
-    return prepare_all(params)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,20 +21,27 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
-from prefect import task
 
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
-from tasks.core.config import Params, load_params
+from tasks.core.config import Params, TrainJob, load_params
 from tasks.core.records import write_json
 from tasks.core.bundle import log_serving_bundle
-from tasks.export import export_metrics
 from tasks.core.lineage import data_lineage, eval_data_fingerprint, git_lineage, library_versions, model_lineage
 from tasks.core.promotion import ChampionScores, decide
-from tasks.core.tracking import ADAPTER_TAG, STAGE_TAG, configure_mlflow, file_sha256, find_stage_run, flatten, stage_params
+from tasks.core.tracking import (
+    ADAPTER_TAG,
+    STAGE_TAG,
+    configure_mlflow,
+    export_metrics,
+    file_sha256,
+    find_stage_run,
+    flatten,
+    stage_params,
+)
 from tasks.evaluation.champion import ChampionUnavailable, log_champion_metrics, rescore_champion
 
 log = logging.getLogger(__name__)
@@ -53,27 +60,29 @@ class Registration:
     gate_reasons: list[str] = field(default_factory=list)
 
 
-def log_stage_run(client, experiment_id: str, parent_id: str, stage: str, params: Params) -> str:
+def log_stage_run(client, experiment_id: str, parent_id: str, job: TrainJob) -> str:
     """The stage's child run: the live run that trained this exact adapter (found by its hash),
     nested under the pipeline run; or, when there is none (`train.mlflow_live` off, another
     tracking server), a new run with the stage's params and step history from its log file.
     Either way it gets the adapter, validation report and summary metrics as artifacts."""
+    stage = job.stage
     adapter_file = paths.adapter_dir(stage) / "adapter_model.safetensors"
     run_id = find_stage_run(client, experiment_id, stage, adapter_file)
     if run_id:
         client.set_tag(run_id, "mlflow.parentRunId", parent_id)
     else:
-        run_id = log_stage_history(client, experiment_id, parent_id, stage, params)
+        run_id = log_stage_history(client, experiment_id, parent_id, job)
     client.log_artifacts(run_id, str(paths.adapter_dir(stage)), "adapter")
     client.log_artifact(run_id, str(paths.validation_report(stage)), "validation")
     client.log_artifact(run_id, str(paths.train_metrics(stage)), "metrics")
     return run_id
 
 
-def log_stage_history(client, experiment_id: str, parent_id: str, stage: str, params: Params) -> str:
+def log_stage_history(client, experiment_id: str, parent_id: str, job: TrainJob) -> str:
     """A new, finished child run holding what the stage's files recorded."""
     from mlflow.entities import Metric, Param
 
+    stage = job.stage
     run = client.create_run(experiment_id, run_name=f"train@{stage}", tags={"mlflow.parentRunId": parent_id, STAGE_TAG: stage})
     run_id = run.info.run_id
     history = [json.loads(line) for line in paths.train_history(stage).read_text().splitlines() if line]
@@ -85,7 +94,7 @@ def log_stage_history(client, experiment_id: str, parent_id: str, stage: str, pa
     ]
     summary = json.loads(paths.train_metrics(stage).read_text())
     metrics += [Metric(f"final_{k}", float(v), _now_ms(), 0) for k, v in summary.items() if isinstance(v, (int, float))]
-    items = [Param(k, v) for k, v in stage_params(stage, params).items()]
+    items = [Param(k, v) for k, v in stage_params(job).items()]
     client.log_batch(run_id, metrics=metrics, params=items)
     client.set_tag(run_id, ADAPTER_TAG, file_sha256(paths.adapter_dir(stage) / "adapter_model.safetensors"))
     client.set_terminated(run_id)
@@ -194,17 +203,19 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
         client.log_artifact(parent_id, str(paths.DATA_REPORT), "metrics")
     log_validation(client, parent_id)
     log_evaluation(client, parent_id, scores)
-    stage_runs = {s: log_stage_run(client, experiment.experiment_id, parent_id, s, params) for s in params.stage_names}
+    stage_runs = {s: log_stage_run(client, experiment.experiment_id, parent_id, params.train_job(s)) for s in params.stage_names}
 
-    final_run = stage_runs[params.train.final_stage]
+    final_run = stage_runs[params.final_stage]
     try:
         client.get_registered_model(cfg.model_name)
     except Exception:  # noqa: BLE001 - MLflow raises RestException / MlflowException by store
         client.create_registered_model(cfg.model_name)
-    champion, compared = champion_scores(client, cfg.model_name, lineage["eval_data_sha256"], params)
+    champion, compared = champion_scores(client, cfg.model_name, lineage["eval_data_sha256"],
+                                         lambda version: rescore_champion(client, version, params.stages, params.evaluate,
+                                                                          params.seed) if cfg.rescore_champion else None)
     log_champion_metrics(client, parent_id, champion)
     decision = decide(scores["final"], cfg.thresholds, champion, cfg.champion_tolerance)
-    version_tags = version_lineage(params, lineage, stage_runs, parent_id) | {
+    version_tags = version_lineage(params.final_stage, params.train.chain_policy, lineage, stage_runs, parent_id) | {
         "gate": "passed" if decision.promoted else "failed",
         "gate_reasons": decision.summary,
         "compared_with_champion": compared,
@@ -217,7 +228,11 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     aliases = ["challenger"] + (["champion"] if decision.promoted else [])
     for alias in aliases:
         client.set_registered_model_alias(cfg.model_name, alias, version.version)
-    log_model_card(client, final_run, params, scores, champion, decision, version_tags)
+    from tasks.core.model_card import render_card
+
+    data_report = json.loads(paths.DATA_REPORT.read_text()) if paths.DATA_REPORT.exists() else {}
+    log_model_card(client, final_run, render_card(cfg.model_name, params.stages, params.train, scores, data_report,
+                                                   champion, decision, version_tags))
     client.set_tag(parent_id, "registered_version", version.version)
     client.set_tag(parent_id, "gate_reasons", decision.summary)
     client.set_terminated(parent_id)
@@ -225,16 +240,11 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
                         [] if decision.promoted else decision.reasons)
 
 
-def log_model_card(client, run_id: str, params: Params, scores: dict, champion: ChampionScores | None,
-                   decision, tags: dict[str, str]) -> None:
+def log_model_card(client, run_id: str, card: str) -> None:
     """README.md (and the forgetting heatmap it shows) in the version's `adapter/` artifacts."""
     import shutil
     import tempfile
 
-    from tasks.core.model_card import render_card
-
-    data_report = json.loads(paths.DATA_REPORT.read_text()) if paths.DATA_REPORT.exists() else {}
-    card = render_card(params.register_.model_name, params, scores, data_report, champion, decision, tags)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "README.md").write_text(card)
         if paths.FORGETTING_HEATMAP.exists():
@@ -242,24 +252,26 @@ def log_model_card(client, run_id: str, params: Params, scores: dict, champion: 
         client.log_artifacts(run_id, tmp, "adapter")
 
 
-def version_lineage(params: Params, lineage: dict[str, str], stage_runs: dict[str, str], parent_id: str) -> dict[str, str]:
+def version_lineage(final: str, chain_policy: str, lineage: dict[str, str], stage_runs: dict[str, str],
+                    parent_id: str) -> dict[str, str]:
     """Every lineage tag of a version: code, data, params, base model, adapter chain, libraries."""
     from tasks.core.chain import chain_description
 
-    final = params.train.final_stage
     return lineage | model_lineage(final) | library_versions() | {
         "final_stage": final,
-        "chain_policy": params.train.chain_policy,
+        "chain_policy": chain_policy,
         "adapter_chain": chain_description(final),
         "pipeline_run": parent_id,
     } | {f"adapter_run.{s}": r for s, r in stage_runs.items()}
 
 
-def champion_scores(client, model_name: str, eval_data: str, params: Params) -> tuple[ChampionScores | None, str]:
+def champion_scores(client, model_name: str, eval_data: str,
+                    rescore: Callable[[Any], ChampionScores | None]) -> tuple[ChampionScores | None, str]:
     """The current champion's final scores on the same eval sets, and the `compared_with_champion`
     tag: its stored scores when it was evaluated on exactly this eval data; else its model re-scored
-    on this data (`register.rescore_champion`); else None with the reason, since scores on other
-    eval sets do not compare. A champion that cannot be loaded does not stop the registration."""
+    on this data by `rescore` (None when `register.rescore_champion` is off); else None with the
+    reason, since scores on other eval sets do not compare. A champion that cannot be loaded does
+    not stop the registration."""
     try:
         champion = client.get_model_version_by_alias(model_name, "champion")
     except Exception:  # noqa: BLE001 - no champion yet
@@ -269,22 +281,16 @@ def champion_scores(client, model_name: str, eval_data: str, params: Params) -> 
         scores = {k.removeprefix("final."): v for k, v in stored.items() if k.startswith("final.")}
         found = ChampionScores(str(champion.version), scores, "same eval data, stored scores")
         return found, f"v{found.version} ({found.basis})"
-    if not params.register_.rescore_champion:
-        reason = f"champion v{champion.version} was evaluated on other eval data and register.rescore_champion is off"
-        log.warning("%s: its scores are not compared", reason)
-        return None, f"none ({reason})"
     try:
-        found = rescore_champion(client, champion, params)
+        found = rescore(champion)
     except ChampionUnavailable as error:
         log.warning("champion %s: the new version is not compared with it", error)
         return None, f"none (champion {str(error)[:MAX_TAG_REASON]})"
+    if found is None:
+        reason = f"champion v{champion.version} was evaluated on other eval data and register.rescore_champion is off"
+        log.warning("%s: its scores are not compared", reason)
+        return None, f"none ({reason})"
     return found, f"v{found.version} ({found.basis})"
-
-
-@task(name="register")
-def register_task(params: Params, params_file: str = "params.yaml") -> Registration:
-    """Log the run to MLflow and register the final adapter."""
-    return register_pipeline(params, Path(params_file))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,16 +97,16 @@ def write_report(runs: list[PipelineRun], stages: list[str], out: Path) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlflow import MlflowClient
-
-    from tasks.core.config import load_params
-    from tasks.core.tracking import configure_mlflow
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="how many of the latest pipeline runs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    from mlflow import MlflowClient  # after parsing: --help answers without importing MLflow
+
+    from tasks.core.config import load_params
+    from tasks.core.tracking import configure_mlflow
+
     params = load_params(args.params)
     configure_mlflow()
     client = MlflowClient()

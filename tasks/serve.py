@@ -33,7 +33,7 @@ def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy replies, generated as `evaluate` generates them."""
     from tasks.core.config import EvaluateConfig
-    from tasks.evaluate import generate_replies
+    from tasks.evaluation.scoring import generate_replies
 
     cfg = EvaluateConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
     return generate_replies(model, tokenizer, chat_prompts(tokenizer, prompts), cfg)

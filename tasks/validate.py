@@ -7,7 +7,7 @@ Per stage and split, one suite holds every row to the schema (columns, types, no
 the thresholds (token lengths, trainable share, row counts, no duplicates, no train/eval overlap).
 A second suite, `<stage>/<split> (own records)`, holds the stage's own rows to its content
 contracts: chats whose turns alternate and end with the assistant, and the checks set in
-`data.stages.<stage>.checks` (one <think> block then an answer; a JSON reply). Replayed rows from
+`stages.<stage>.checks` (one <think> block then an answer; a JSON reply). Replayed rows from
 earlier stages answer to their own stage's contracts, not this one's.
 
 Every stage gets one JSON report (written even when another stage fails) that holds only what the
@@ -28,12 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
-from tasks.core.config import Params, StageChecks, ValidateConfig, load_params
+from tasks.core.config import Params, StageChecks, StageSpec, ValidateConfig, load_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,8 +83,8 @@ class StageContract:
     earlier: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, params: Params, stage: str) -> StageContract:
-        names, spec = params.stage_names, params.data.stages[stage]
+    def of(cls, stages: dict[str, StageSpec], stage: str) -> StageContract:
+        names, spec = list(stages), stages[stage]
         return cls(stage, spec.kind, spec.checks, tuple(names[: names.index(stage)]))
 
 
@@ -494,7 +491,7 @@ def failure_message(reports: list[DatasetReport], docs: DataDocs | None = None) 
     reports_at = ", ".join(str(paths.validation_report(d)) for d in bad)
     lines.append(
         f"Fix the data (details in {reports_at}), the validate.* thresholds in params.yaml or the "
-        "stage's data.stages.<stage>.checks, then rerun `dvc repro validate`."
+        "stage's stages.<stage>.checks, then rerun `dvc repro validate`."
     )
     return "\n".join(lines)
 
@@ -506,20 +503,13 @@ def validate_all(params: Params) -> list[DatasetReport]:
     reports = []
     for stage in params.stage_names:
         train_df, eval_df = _read_split(stage, "train"), _read_split(stage, "eval")
-        report = validate_dataset(StageContract.of(params, stage), train_df, eval_df, cfg, session)
+        report = validate_dataset(StageContract.of(params.stages, stage), train_df, eval_df, cfg, session)
         write_report(report)
         reports.append(report)
     docs = session.build_docs()
     if not all(r.success for r in reports):
         raise DataValidationError(failure_message(reports, docs))
     return reports
-
-
-# Never cache: the inputs are files on disk that params alone do not identify.
-@task(name="validate", cache_policy=NO_CACHE)
-def validate_task(params: Params) -> list[DatasetReport]:
-    """Gate training on the prepared data's expectations."""
-    return validate_all(params)
 
 
 def main(argv: list[str] | None = None) -> int:

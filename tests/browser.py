@@ -56,6 +56,6 @@ def screenshot_pages(urls: dict[str, str], flow_run_id, experiment_id: str, run_
                              out / "prefect-flow-run.png", ["train@embedding", "register"], tab="Task Runs")
         compare = (f"{urls['mlflow']}/#/compare-runs?runs={quote(json.dumps(run_ids))}"
                    f"&experiments={quote(json.dumps([experiment_id]))}")
-        mlflow = _page_text(context, compare, out / "mlflow-compare.png", ["train.stages.syntax.max_steps"])
+        mlflow = _page_text(context, compare, out / "mlflow-compare.png", ["stages.syntax.train.max_steps"])
         context.close()
     return {"prefect": prefect, "mlflow": mlflow}

@@ -75,10 +75,9 @@ def raw_params(export: dict | None = None) -> dict:
     tiny = tiny_config().model_dump()
     return {
         "seed": 0,
-        "data": {"stages": {s: {"kind": "sft", "n_records": 10} for s in STAGES}},
+        "stages": {s: {"kind": "sft", "init_from": STAGES[i - 1] if i else "base", "data": {"n_records": 10},
+                       "train": {"max_steps": 1, "learning_rate": 1e-3}} for i, s in enumerate(STAGES)},
         "model": {"tiny": tiny},
-        "train": {"chain_policy": "merge",
-                  "stages": {"s1": {"init_from": "base", "max_steps": 1, "learning_rate": 1e-3},
-                             "s2": {"init_from": "s1", "max_steps": 1, "learning_rate": 1e-3}}},
+        "train": {"chain_policy": "merge"},
         "export": export or {},
     }

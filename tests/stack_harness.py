@@ -108,8 +108,8 @@ class Stack:
 
 def start_stack(base: Path) -> Stack:
     params = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
-    for stage in params["train"]["stages"].values():  # the stack is under test here, not learning
-        stage["max_steps"] = 8
+    for stage in params["stages"].values():  # the stack is under test here, not learning
+        stage["train"]["max_steps"] = 8
     params["evaluate"].update(max_generate=4, max_new_tokens=24)
     origin = make_workspace(base / "origin", params)
     env = {k: v for k, v in origin.env.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_HOME")}

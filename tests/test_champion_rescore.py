@@ -73,7 +73,7 @@ def test_rescored_scores_are_the_champions_model_evaluated_on_the_new_data(proje
 
     from tasks.core.bundle import load_registered_model
     from tasks.core.config import load_params
-    from tasks.evaluate import score_model
+    from tasks.evaluation.scoring import score_model
 
     client, second = project["client"], project["second"]
     metrics = client.get_run(second.parent_run_id).data.metrics
@@ -81,7 +81,8 @@ def test_rescored_scores_are_the_champions_model_evaluated_on_the_new_data(proje
     final = {k.removeprefix("final."): v for k, v in metrics.items() if k.startswith("final.")}
 
     model, tokenizer, files = load_registered_model(client, f"models:/{NAME}/{project['first'].version}", tmp_path)
-    expected = score_model(model, tokenizer, load_params())
+    params = load_params()
+    expected = score_model(model, tokenizer, params.stages, params.evaluate)
     assert used == expected
     assert {"s1_eval_loss", "s2_eval_loss", "s1_perplexity", "s2_rouge_l", "s2_reply_words_mean"} <= set(used)
     assert used["s2_eval_loss"] != final["s2_eval_loss"]  # v1's adapter, not the new one's

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from tasks import export as export_step
 from tasks.core import paths
+from tasks.core.tracking import export_metrics
 from tasks.core.config import ExportConfig
 from tests.chain_workspace import STAGES, build_chain, raw_params
 from tests.conftest import UNIT_CORPUS
@@ -127,7 +128,7 @@ def test_stage_writes_weights_merge_record_and_metrics(in_chain, capsys):
     merge = json.loads(paths.MERGE_INFO.read_text())
     assert set(merge["adapter_sha256"]) == {"s1", "s2"} and merge["base"]["kind"] == "tiny"
     assert (paths.MERGED_DIR / "model.safetensors").exists()
-    assert export_step.export_metrics()["export.passed"] == 1.0
+    assert export_metrics()["export.passed"] == 1.0
 
 
 def test_disabled_export_writes_only_a_skipped_record(in_chain, capsys):
@@ -136,7 +137,7 @@ def test_disabled_export_writes_only_a_skipped_record(in_chain, capsys):
     assert json.loads(paths.EXPORT_METRICS.read_text()) == {"enabled": False, "skipped": True, "passed": None,
                                                             "final_stage": "s2"}
     assert sorted(p.name for p in paths.MERGED_DIR.iterdir()) == ["merge.json"]
-    assert export_step.export_metrics() == {"export.enabled": 0.0, "export.skipped": 1.0}
+    assert export_metrics() == {"export.enabled": 0.0, "export.skipped": 1.0}
 
 
 def test_export_config_rejects_unknown_dtype():

@@ -31,14 +31,14 @@ CHAT = {"messages": [{"role": "user", "content": "Extract JSON: hi"},
 @pytest.fixture
 def raw_params() -> dict:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for spec in raw["data"]["stages"].values():
-        spec["n_records"] = 12
+    for spec in raw["stages"].values():
+        spec["data"]["n_records"] = 12
     return raw
 
 
 def with_sources(raw: dict, stage: str, *sources: dict, **extra) -> dict:
     raw = copy.deepcopy(raw)
-    raw["data"]["stages"][stage]["sources"] = list(sources)
+    raw["stages"][stage]["data"]["sources"] = list(sources)
     raw["data"].update(extra)
     return raw
 
@@ -70,7 +70,7 @@ class TestUserSources:
         source.write_text("\n".join(lines) + "\n")
         raw = with_sources(raw_params, "syntax", {"path": str(source)}, max_reject_share=0.8)
         with caplog.at_level(logging.WARNING, logger="tasks.ingest"):
-            result = ingest_stage("syntax", parse_params(raw).data.stages["syntax"], parse_params(raw))
+            result = ingest_stage("syntax", parse_params(raw).stages["syntax"], parse_params(raw).seed, parse_params(raw).data.max_reject_share)
         assert result.records == 2 and not result.synthetic
         written = read_jsonl(paths.raw_file("syntax"))
         assert content(written) == [CHAT, CHAT]  # extra keys dropped
@@ -90,7 +90,7 @@ class TestUserSources:
         raw = with_sources(raw_params, "embedding", {"path": "elsewhere.jsonl"})
         params = parse_params(raw)
         with caplog.at_level(logging.WARNING, logger="tasks.ingest"):
-            ingest_stage("embedding", params.data.stages["embedding"], params)
+            ingest_stage("embedding", params.stages["embedding"], params.seed, params.data.max_reject_share)
         assert "outside data/sources/" in caplog.text and "DVC does not track it" in caplog.text
 
     def test_too_many_rejects_fail_after_writing_them(self, raw_params, tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ class TestUserSources:
         params = parse_params(with_sources(raw_params, "syntax", {"path": str(source)}))
         with pytest.raises(SourceError, match=r"sources\[0\] \(data/sources/s.jsonl\): 1 records, 3 rejected "
                                               r"\(missing_field x3\); more than data.max_reject_share=0.5"):
-            ingest_stage("syntax", params.data.stages["syntax"], params)
+            ingest_stage("syntax", params.stages["syntax"], params.seed, params.data.max_reject_share)
         assert len(read_jsonl(paths.raw_rejects("syntax"))) == 3  # written before failing
 
     def test_mixed_formats_and_presets_in_one_stage(self, raw_params, tmp_path, monkeypatch):
@@ -114,7 +114,7 @@ class TestUserSources:
                            {"path": "data/sources/a.json", "preset": "alpaca"},
                            {"path": "data/sources/*.csv", "preset": "gsm8k"})
         params = parse_params(raw)
-        result = ingest_stage("instructions", params.data.stages["instructions"], params)
+        result = ingest_stage("instructions", params.stages["instructions"], params.seed, params.data.max_reject_share)
         assert result.records == 2
         first, second = read_jsonl(paths.raw_file("instructions"))
         assert first["messages"][1]["content"] == "Hi!" and first["origin"]["where"] == "[0]"
@@ -166,7 +166,7 @@ class TestBadInputCorpus:
         raw = with_sources(raw, "syntax", {"path": str(BAD / "no_assistant.jsonl")}, {"path": str(BAD / "ragged.csv"),
                            "preset": "alpaca", "fields": {"instruction": "prompt", "output": "completion"}}, max_reject_share=1.0)
         params = parse_params(raw)
-        result = ingest_stage("embedding", params.data.stages["embedding"], params)
+        result = ingest_stage("embedding", params.stages["embedding"], params.seed, params.data.max_reject_share)
         rejects = read_jsonl(paths.raw_rejects("embedding"))
         found = [(Path(r["source"]).name, r["where"], r["reason"], r["action"]) for r in rejects]
         assert found == [
@@ -181,7 +181,7 @@ class TestBadInputCorpus:
         assert "\U0001F355" in next(r["text"] for r in kept if r["origin"]["uri"].endswith("cesu8.jsonl")
                                      and r["origin"]["where"] == "line 2")
         with pytest.raises(SourceError, match=r"no_assistant.jsonl\): 0 records, 1 rejected \(no_assistant_turn x1\)"):
-            ingest_stage("syntax", params.data.stages["syntax"], params)
+            ingest_stage("syntax", params.stages["syntax"], params.seed, params.data.max_reject_share)
         rejects = read_jsonl(paths.raw_rejects("syntax"))
         assert [(Path(r["source"]).name, r["reason"]) for r in rejects] == [
             ("no_assistant.jsonl", "no_assistant_turn"), ("ragged.csv", "malformed_csv"), ("ragged.csv", "malformed_csv")]

@@ -30,7 +30,7 @@ def ingested(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for stage, sources in SOURCES.items():
-        raw["data"]["stages"][stage]["sources"] = sources
+        raw["stages"][stage]["data"]["sources"] = sources
     cwd = Path.cwd()
     try:
         import os

@@ -142,10 +142,10 @@ def test_only_the_main_process_writes_a_stages_outputs(tmp_path, plain_env):
     result = train.StageResult("embedding", "base", 10, 1.1, summary, [])
     plain_env.setenv("WORLD_SIZE", "2")
     plain_env.setenv("RANK", "1")
-    train.save_stage(Adapter(), result, tiny_params())
+    train.save_stage(Adapter(), result, tiny_params().train_job("embedding"))
     assert saved == [] and list(tmp_path.iterdir()) == []
     plain_env.setenv("RANK", "0")
-    train.save_stage(Adapter(), result, tiny_params())
+    train.save_stage(Adapter(), result, tiny_params().train_job("embedding"))
     assert saved == [str(paths.adapter_dir("embedding"))]
     assert yaml.safe_load((paths.adapter_dir("embedding") / "stage.json").read_text())["processes"] == 2
     assert yaml.safe_load(paths.train_metrics("embedding").read_text())["processes"] == 2
@@ -270,7 +270,8 @@ def test_two_cpu_processes_train_a_qlora_stage_and_write_its_outputs_once(tmp_pa
 
     from tasks.core.chain import base_with_chain
     from tasks.core.modeling import BaseInfo
-    from tasks.train import attach_adapter, read_rows
+    from tasks.core.adapters import attach_adapter
+    from tasks.data.rows import read_rows
 
     plain_env.chdir(tmp_path)
     params = tiny_params("nf4")
@@ -320,7 +321,7 @@ def test_two_cpu_processes_train_a_qlora_stage_and_write_its_outputs_once(tmp_pa
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train@embedding", "FINISHED")]  # the main process's
 
     set_seed(params.seed)  # the adapter as train_stage creates it, before any step
-    initial = get_peft_model_state_dict(attach_adapter(base_with_chain(BaseInfo.load(), [], "nf4"), "embedding", params))
+    initial = get_peft_model_state_dict(attach_adapter(base_with_chain(BaseInfo.load(), [], "nf4"), params.train_job("embedding")))
     assert sorted(initial) == sorted(trained)
     unchanged = [k for k in trained if torch.equal(initial[k].to(trained[k].dtype), trained[k])]
     assert unchanged == [], "every LoRA factor, experts included, must have trained under DDP"

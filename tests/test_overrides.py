@@ -28,7 +28,7 @@ class TestParseAssignment:
         "text, key, value",
         [
             ("a.b=3", "a.b", 3),
-            ("train.stages.syntax.learning_rate=0.002", "train.stages.syntax.learning_rate", 0.002),
+            ("stages.syntax.train.learning_rate=0.002", "stages.syntax.train.learning_rate", 0.002),
             ("x=2.5e-3", "x", 2.5e-3),
             ("model.trust_remote_code=true", "model.trust_remote_code", True),
             ("flag=false", "flag", False),
@@ -45,7 +45,7 @@ class TestParseAssignment:
 
     @pytest.mark.parametrize("text", ["a.b", "=3", "  =3", ""])
     def test_not_key_value(self, text):
-        with pytest.raises(ConfigError, match=r"is not KEY=VALUE \(e\.g\. train\.stages\.syntax\.max_steps=200\)"):
+        with pytest.raises(ConfigError, match=r"is not KEY=VALUE \(e\.g\. stages\.syntax\.train\.max_steps=200\)"):
             parse_assignment(text)
 
 
@@ -70,35 +70,36 @@ class TestApplyOverrides:
         original = params_copy.read_text()
         assert COMMENT in original.splitlines() and INLINE_COMMENT in original.splitlines()
 
-        apply_overrides(params_copy, dict([parse_assignment("train.stages.syntax.max_steps=200")]))
+        apply_overrides(params_copy, dict([parse_assignment("stages.syntax.train.max_steps=200")]))
 
         text = params_copy.read_text()
         lines = text.splitlines()
         assert COMMENT in lines and INLINE_COMMENT in lines
         assert lines[0] == original.splitlines()[0]  # the header comment survives too
         params = load_params(params_copy)
-        assert params.train.stages["syntax"].max_steps == 200
-        assert params.train.stages["thinking"].max_steps == 150  # neighbours untouched
-        assert "      max_steps: 200" in lines
+        assert params.stages["syntax"].train.max_steps == 200
+        assert params.stages["thinking"].train.max_steps == 150  # neighbours untouched
+        assert "      max_steps: 200" in lines  # the block layout kept, one line changed
+        assert len(lines) == len(original.splitlines())
 
     def test_several_overrides_and_list_value(self, params_copy):
         apply_overrides(
             params_copy,
-            {"train.lora.target_modules": ["q_proj"], "seed": 7, "train.stages.thinking.learning_rate": 0.001},
+            {"train.lora.target_modules": ["q_proj"], "seed": 7, "stages.thinking.train.learning_rate": 0.001},
         )
         params = load_params(params_copy)
         assert params.train.lora.target_modules == ["q_proj"]
         assert params.seed == 7
-        assert params.train.stages["thinking"].learning_rate == pytest.approx(0.001)
+        assert params.stages["thinking"].train.learning_rate == pytest.approx(0.001)
 
     def test_flow_mapping_keeps_its_layout(self, params_copy):
-        apply_overrides(params_copy, {"data.stages.syntax.n_records": 50})
-        assert "    syntax: {kind: sft, n_records: 50, replay_share: 0.3, checks: {json_target: true}}" in params_copy.read_text().splitlines()
-        assert load_params(params_copy).data.stages["syntax"].n_records == 50
+        apply_overrides(params_copy, {"stages.syntax.data.n_records": 50})
+        assert "    data: {n_records: 50, sources: [], replay_share: 0.3}" in params_copy.read_text().splitlines()
+        assert load_params(params_copy).stages["syntax"].data.n_records == 50
 
     def test_adds_optional_leaf(self, params_copy):
-        apply_overrides(params_copy, {"train.stages.syntax.weight_decay": 0.01})
-        assert load_params(params_copy).train.stages["syntax"].weight_decay == pytest.approx(0.01)
+        apply_overrides(params_copy, {"stages.syntax.train.weight_decay": 0.01})
+        assert load_params(params_copy).stages["syntax"].train.weight_decay == pytest.approx(0.01)
 
     def test_unknown_parent_leaves_file_untouched(self, params_copy):
         before = params_copy.read_bytes()
@@ -108,15 +109,15 @@ class TestApplyOverrides:
 
     def test_unknown_leaf_leaves_file_untouched(self, params_copy):
         before = params_copy.read_bytes()
-        with pytest.raises(ConfigError, match=r"train\.stages\.syntax\.learnin_rate: unknown key"):
-            apply_overrides(params_copy, {"train.stages.syntax.learnin_rate": 0.1})
+        with pytest.raises(ConfigError, match=r"stages\.syntax\.train\.learnin_rate: unknown key"):
+            apply_overrides(params_copy, {"stages.syntax.train.learnin_rate": 0.1})
         assert params_copy.read_bytes() == before
 
     def test_invalid_value_leaves_file_untouched(self, params_copy):
         before = params_copy.read_bytes()
         with pytest.raises(ConfigError) as err:
-            apply_overrides(params_copy, dict([parse_assignment("train.stages.syntax.learning_rate=-0.1")]))
+            apply_overrides(params_copy, dict([parse_assignment("stages.syntax.train.learning_rate=-0.1")]))
         message = str(err.value)
-        assert message.startswith(f"{params_copy} with overrides ['train.stages.syntax.learning_rate'] is invalid:")
-        assert "  train.stages.syntax.learning_rate: Input should be greater than 0" in message
+        assert message.startswith(f"{params_copy} with overrides ['stages.syntax.train.learning_rate'] is invalid:")
+        assert "  stages.syntax.train.learning_rate: Input should be greater than 0" in message
         assert params_copy.read_bytes() == before

@@ -9,7 +9,7 @@ import torch
 from tasks.core.config import LoraConfig, TinyModelConfig
 from tasks.core.modeling import BaseInfo, build_tiny_model, load_base_model, train_tokenizer
 from tasks.core.preflight import PreflightError, check, part_of, run_preflight
-from tasks.train import peft_lora_config
+from tasks.core.adapters import peft_lora_config
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 

@@ -37,7 +37,7 @@ from tests.shared_data import SHARED_DATA
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = SHARED_DATA
 PARAMS = load_params(ROOT / "params.yaml")
-SPECS = PARAMS.data.stages
+SPECS = PARAMS.stages
 
 
 def chat(question: str, answer: str) -> dict:
@@ -251,13 +251,13 @@ class TestPrepareAll:
         unit_tokenizer.save_pretrained(tok_dir)
         BaseInfo(kind="tiny", name_or_path=str(tok_dir)).save(paths.BASE_DIR)
         raw_params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        for spec in raw_params["data"]["stages"].values():
-            spec["n_records"] = 60
+        for spec in raw_params["stages"].values():
+            spec["data"]["n_records"] = 60
         source = Path("data/sources/instructions.jsonl")
         records = [chat(f"Repeat the word number {i}.", f"number {i}") for i in range(40)]
         records += [records[0], chat("Say fox many times.", " ".join(["fox"] * 400))]
         write_jsonl(source, records)
-        raw_params["data"]["stages"]["instructions"]["sources"] = [{"path": str(source)}]
+        raw_params["stages"]["instructions"]["data"]["sources"] = [{"path": str(source)}]
         params = parse_params(copy.deepcopy(raw_params))
         ingest_all(params)
         return params
@@ -303,11 +303,11 @@ def test_base_pretrains_only_on_records_prepare_puts_in_train(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for spec in raw["data"]["stages"].values():
-        spec["n_records"] = 200
+    for spec in raw["stages"].values():
+        spec["data"]["n_records"] = 200
     params = parse_params(raw)
     ingest_all(params)
-    texts = pretraining_texts(params)
+    texts = pretraining_texts("embedding", params.prepare.clean, params.prepare.eval_fraction)
     everything = [r["text"] for r in read_jsonl(paths.raw_file("embedding"))]
     held_out = [t for t in everything if split_of(content_hash({"text": t}), params.prepare.eval_fraction) == "eval"]
     assert held_out and len(texts) == len(everything) - len(held_out)
@@ -465,3 +465,25 @@ def test_gc_is_paused_only_while_prepare_runs(monkeypatch, tmp_path, unit_tokeni
     with pytest.raises(RuntimeError, match="stop here"):
         prepare_all(PARAMS)
     assert gc.isenabled()
+
+
+def test_a_record_cleaning_changes_lands_on_the_same_side_for_base_and_prepare(tmp_path, monkeypatch):
+    """The split is decided once, on cleaned content: a record whose raw and cleaned hashes fall on
+    different sides (the case a raw-text hash got wrong) is pretrained on by the tiny base exactly
+    when `prepare` puts it in train."""
+    from tasks.base import pretraining_texts
+    from tasks.data.split import split_of_content
+
+    cfg = PARAMS.prepare.model_copy(update={"dedupe": PARAMS.prepare.dedupe.model_copy(update={"near_threshold": None})})
+    candidates = [f"Line {i} of the corpus rings a bell\x07 here." for i in range(400)]
+    flipped = [t for t in candidates if split_of(content_hash({"text": t}), cfg.eval_fraction)
+               != split_of_content({"text": t}, cfg.clean, cfg.eval_fraction)]
+    assert len(flipped) >= 10 and {split_of_content({"text": t}, cfg.clean, cfg.eval_fraction) for t in flipped} == {"train", "eval"}
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(paths.raw_file("embedding"), [{"text": t, "origin": {"where": f"line {i}"}} for i, t in enumerate(flipped)])
+    data = clean_and_split("embedding", SPECS["embedding"], read_jsonl(paths.raw_file("embedding")), cfg, 0)
+    assert data.counts["changed.control_chars_removed"] == len(flipped)
+    prepared_train = {r.content["text"] for r in data.train}
+    prepared_eval = {r.content["text"] for r in data.eval}
+    assert prepared_train and prepared_eval
+    assert set(pretraining_texts("embedding", cfg.clean, cfg.eval_fraction)) == prepared_train

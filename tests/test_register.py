@@ -48,7 +48,7 @@ def test_model_card_has_scores_forgetting_data_plan_and_lineage():
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     scores = {"base": {"syntax_json_valid": 0.0}, "final": {"syntax_json_valid": 0.9},
               "forgetting": {"base": {"syntax": 2.0}, "syntax": {"syntax": 0.5}}, "forgetting_change": {"syntax": 0.0}}
-    card = render_card("m", params, scores, {"syntax": {"train_rows": 10, "eval_rows": 2}}, CHAMPION,
+    card = render_card("m", params.stages, params.train, scores, {"syntax": {"train_rows": 10, "eval_rows": 2}}, CHAMPION,
                        decide(scores["final"], {"syntax_json_valid": 0.5}, CHAMPION, 0.0), {"git_commit": "abc"})
     assert "| syntax_json_valid | 0.0000 | 0.9000 | 0.8000 |" in card
     assert "| syntax | 0.5000 |" in card and "forgetting.png" in card

@@ -28,7 +28,7 @@ def project(tmp_path, monkeypatch):
     build_prepared_project(tmp_path, params)
     raw = params.model_dump(by_alias=True)
     raw["train"]["checkpoint_every"] = EVERY
-    raw["train"]["stages"]["embedding"]["max_steps"] = STEPS
+    raw["stages"]["embedding"]["train"]["max_steps"] = STEPS
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return tmp_path
 

@@ -28,15 +28,15 @@ def test_every_field_names_a_key_that_params_yaml_has():
 
 
 def test_filled_fields_and_set_become_dotted_overrides():
-    form = RunParameters(syntax_max_steps=20, quantization="nf4", set={"train.stages.syntax.learning_rate": 1e-3})
-    assert form.overrides() == {"train.stages.syntax.max_steps": 20, "train.quantization": "nf4",
-                                "train.stages.syntax.learning_rate": 1e-3}
+    form = RunParameters(syntax_max_steps=20, quantization="nf4", set={"stages.syntax.train.learning_rate": 1e-3})
+    assert form.overrides() == {"stages.syntax.train.max_steps": 20, "train.quantization": "nf4",
+                                "stages.syntax.train.learning_rate": 1e-3}
     assert RunParameters().overrides() == {}
 
 
 def test_a_key_given_twice_and_unknown_fields_are_refused():
-    with pytest.raises(ValueError, match="train.stages.syntax.max_steps given both"):
-        RunParameters(syntax_max_steps=20, set={"train.stages.syntax.max_steps": 30}).overrides()
+    with pytest.raises(ValueError, match="stages.syntax.train.max_steps given both"):
+        RunParameters(syntax_max_steps=20, set={"stages.syntax.train.max_steps": 30}).overrides()
     with pytest.raises(ValueError):
         RunParameters(sytnax_max_steps=20)
     with pytest.raises(ValueError):
@@ -48,7 +48,7 @@ def test_the_overrides_land_in_params_yaml_as_the_cli_ones_do(tmp_path):
     target.write_text((PROJECT / "params.yaml").read_text())
     apply_overrides(target, RunParameters(thinking_max_steps=7, export_enabled=False).overrides())
     params = yaml.safe_load(target.read_text())
-    assert params["train"]["stages"]["thinking"]["max_steps"] == 7 and params["export"]["enabled"] is False
+    assert params["stages"]["thinking"]["train"]["max_steps"] == 7 and params["export"]["enabled"] is False
     assert "# " in target.read_text()  # comments kept
 
 
@@ -59,5 +59,5 @@ def test_the_flow_signature_gives_the_ui_typed_fields_with_defaults():
     form = schema["definitions"]["RunParameters"]["properties"]
     assert form["quantization"]["anyOf"][0] == {"enum": ["none", "nf4"], "type": "string"}
     assert form["syntax_max_steps"]["anyOf"][0]["type"] == "integer"
-    assert "train.stages.syntax.max_steps" in form["syntax_max_steps"]["description"]
+    assert "stages.syntax.train.max_steps" in form["syntax_max_steps"]["description"]
     assert schema["properties"]["commit_results"]["default"] is False

@@ -48,7 +48,7 @@ def test_the_pipeline_deployment_runs_every_stage_with_training_on_the_gpu_pool(
     assert all(tasks[s] == "Completed" for s in STAGES), tasks
     # the override reached params.yaml, and the run was committed with its dvc.lock
     params = yaml.safe_load((stack.cpu / "params.yaml").read_text())
-    assert params["train"]["stages"]["syntax"]["max_steps"] == 6
+    assert params["stages"]["syntax"]["train"]["max_steps"] == 6
     log = subprocess.run(["git", "log", "--format=%s", "-1"], cwd=stack.cpu, capture_output=True, text=True).stdout
     assert log.startswith(f"stagewise run {first_run.name}")
     # each training stage ran as a flow run of `train-stage`, in the GPU worker's workspace
@@ -68,7 +68,7 @@ def test_mlflow_server_holds_the_runs_and_the_registered_version(stack, first_ru
     parent = next(r for r in runs if r.info.run_name == "pipeline")
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {f"train@{s}" for s in ("embedding", "syntax", "thinking", "instructions")} <= children
-    assert parent.data.params["train.stages.syntax.max_steps"] == "6"
+    assert parent.data.params["stages.syntax.train.max_steps"] == "6"
     version = client.get_model_version_by_alias("stagewise-assistant", "challenger")
     assert client.get_run(version.run_id).info.run_name == "train@instructions"  # the final adapter's run
     assert parent.data.tags["registered_version"] == version.version
@@ -159,7 +159,7 @@ def test_the_ui_pages_show_the_stage_runs_and_the_compared_runs(stack, first_run
     assert first_run.name in prefect_text
     assert all(stage in prefect_text for stage in ("train@embedding", "train@instructions", "evaluate", "register"))
     assert all(r.info.run_id in mlflow_text for r in pipelines) and "pipeline" in mlflow_text  # ids and run names
-    assert "train.stages.syntax.max_steps" in mlflow_text
+    assert "stages.syntax.train.max_steps" in mlflow_text
     assert (ARTIFACTS / "prefect-flow-run.png").stat().st_size > 10_000
     assert (ARTIFACTS / "mlflow-compare.png").stat().st_size > 10_000
 

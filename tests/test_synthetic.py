@@ -62,9 +62,9 @@ class TestCurriculum:
 
     def test_full_sizes_from_params_yaml(self, raw_params, caplog):
         with caplog.at_level(logging.WARNING, logger="tasks.data.synthetic"):
-            for stage, spec in raw_params["data"]["stages"].items():
-                records = generate_stage_records(stage, KINDS[stage], spec["n_records"], raw_params["seed"])
-                assert len({content_hash(r) for r in records}) == spec["n_records"]
+            for stage, spec in raw_params["stages"].items():
+                records = generate_stage_records(stage, KINDS[stage], spec["data"]["n_records"], raw_params["seed"])
+                assert len({content_hash(r) for r in records}) == spec["data"]["n_records"]
         assert not caplog.records  # no stage ran out of unique records
 
     def test_number_words(self):
@@ -74,9 +74,9 @@ class TestCurriculum:
             number_word(100)
 
     def test_unknown_stage_and_wrong_kind_are_config_errors(self):
-        with pytest.raises(ConfigError, match=r"no synthetic data for stage 'poetry'.*data.stages.poetry.source"):
+        with pytest.raises(ConfigError, match=r"no synthetic data for stage 'poetry'.*stages.poetry.data.source"):
             generate_stage_records("poetry", "sft", 5, 0)
-        with pytest.raises(ConfigError, match=r"data.stages.syntax.kind is 'pretrain'"):
+        with pytest.raises(ConfigError, match=r"stages.syntax.kind is 'pretrain'"):
             generate_stage_records("syntax", "pretrain", 5, 0)
 
 

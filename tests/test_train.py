@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from tasks import train as train_step
 from tasks.core import paths
+from tasks.core.adapters import attach_adapter, stage_lora
 from tasks.core.config import parse_params
 from tasks.core.modeling import BaseInfo, load_base_model
 from tests.pipeline_workspace import PROJECT, build_prepared_project, small_params
@@ -19,11 +20,11 @@ from tests.pipeline_workspace import PROJECT, build_prepared_project, small_para
 
 def tiny_params(quantization: str = "none", expert_lora: bool = True, policy: str = "continue"):
     raw = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
-    for stage in raw["data"]["stages"].values():
-        stage["n_records"] = 60
+    for stage in raw["stages"].values():
+        stage["data"]["n_records"] = 60
     raw["model"]["tiny"]["pretrain"]["max_steps"] = 5
-    for name, stage in raw["train"]["stages"].items():
-        stage.update(max_steps=6, batch_size=4)
+    for stage in raw["stages"].values():
+        stage["train"].update(max_steps=6, batch_size=4)
     raw["train"]["quantization"] = quantization
     raw["train"]["chain_policy"] = policy
     if not expert_lora:
@@ -114,7 +115,7 @@ def test_next_stage_continues_the_previous_adapter(in_project):
     params = tiny_params()
     train_step.train_stage("embedding", params)
     before = lora_tensors("embedding")
-    model = train_step.attach_adapter(load_base_model(BaseInfo.load()), "syntax", params)
+    model = attach_adapter(load_base_model(BaseInfo.load()), params.train_job("syntax"))
     # The syntax stage starts exactly where the embedding stage ended, with trainable weights.
     state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     key = next(k for k in before if "q_proj.lora_B" in k)
@@ -182,10 +183,10 @@ def test_checkpoints_resume_only_the_same_work(in_project):
     key = train_step.run_key("syntax", params)
     assert train_step.run_key("syntax", tiny_params()) == key
     raw = params.model_dump(by_alias=True)
-    raw["train"]["stages"]["syntax"]["learning_rate"] = 0.01
+    raw["stages"]["syntax"]["train"]["learning_rate"] = 0.01
     assert train_step.run_key("syntax", parse_params(raw)) != key  # other settings
     raw = params.model_dump(by_alias=True)
-    raw["train"]["stages"]["embedding"]["max_steps"] = 3
+    raw["stages"]["embedding"]["train"]["max_steps"] = 3
     train_step.train_stage("embedding", parse_params(raw))
     assert train_step.run_key("syntax", params) != key  # another starting adapter
 
@@ -253,7 +254,7 @@ def test_a_stage_logs_to_mlflow_while_it_trains(in_project, monkeypatch):
     assert seen == [row["step"] for row in history]  # logged as each step happened, not afterwards
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == seen
     assert run.data.metrics["peak_memory_gib"] > 0 and 0 < run.data.metrics["router_entropy"] <= 1
-    assert run.data.params["learning_rate"] == str(tiny_params().train.stages["embedding"].learning_rate)
+    assert run.data.params["learning_rate"] == str(tiny_params().stages["embedding"].train.learning_rate)
     assert run.data.params["quantization"] == "none" and run.data.params["lora.r"] == "16"
     assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
     adapter = paths.adapter_dir("embedding") / "adapter_model.safetensors"
@@ -329,4 +330,4 @@ def test_without_added_tokens_the_embeddings_stay_frozen(in_project):
     from tasks.core.modeling import new_token_count
 
     assert new_token_count(BaseInfo.load()) == 0
-    assert train_step.stage_lora("embedding", tiny_params(), BaseInfo.load()).modules_to_save == []
+    assert stage_lora(tiny_params().train_job("embedding"), BaseInfo.load()).modules_to_save == []

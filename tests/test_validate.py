@@ -79,8 +79,7 @@ def write_split(stage: str, split: str, df: pd.DataFrame) -> None:
 def write_params(directory: Path, stages: list[str]) -> Path:
     """The project's params.yaml cut down to `stages`, consistently so `load_params` accepts it."""
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    raw["train"]["stages"] = {s: raw["train"]["stages"][s] for s in stages}
-    raw["data"]["stages"] = {s: raw["data"]["stages"][s] for s in stages}
+    raw["stages"] = {s: raw["stages"][s] for s in stages}
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

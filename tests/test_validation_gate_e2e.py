@@ -31,7 +31,7 @@ def user_syntax_file(broken: int) -> str:
 def failed_run(tmp_path_factory):
     raw = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
     raw["model"]["tiny"]["pretrain"]["max_steps"] = 5
-    raw["data"]["stages"]["syntax"]["sources"] = [{"path": "data/sources/syntax.jsonl"}]
+    raw["stages"]["syntax"]["data"]["sources"] = [{"path": "data/sources/syntax.jsonl"}]
     ws = make_workspace(tmp_path_factory.mktemp("gate"), raw)
     (ws.root / "data/sources/syntax.jsonl").write_text(user_syntax_file(broken=6))
     return ws, ws.flow(check=False)

@@ -11,8 +11,28 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from tasks.core.config import ConfigError
+
+
+def check_declared(step: str, params_file: str) -> None:
+    """Fail before any work when dvc.yaml does not list a curriculum stage's keys this step reads."""
+    from tasks.core.config import load_params
+    from tasks.core.dvc_params import undeclared_stage_keys
+
+    dvc_file = Path("dvc.yaml")  # the project DVC runs the stage in
+    if not Path(params_file).exists() or not dvc_file.exists():
+        return  # load_params reports a missing params file; no dvc.yaml here: not run as a DVC stage
+    try:
+        missing = undeclared_stage_keys(step, load_params(params_file).stage_names, dvc_file)
+    except KeyError:
+        return  # not a DVC stage (serve, report)
+    if missing:
+        raise ConfigError(
+            f"dvc.yaml's `{step}` stage does not list {', '.join(missing)}, which it reads: add them under "
+            f"stages.{step}.params in {dvc_file.resolve()}, or DVC will not re-run {step} when they change"
+        )
 
 
 def run_stage_cli(
@@ -31,9 +51,10 @@ def run_stage_cli(
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    # force: importing prefect already configured logging, which would swallow our INFO lines
+    # force: a second call in one process (tests) replaces handlers whose stream may be gone
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
+        check_declared(step, args.params)
         lines = list(run(args))
     except (ConfigError, FileNotFoundError, *expected) as exc:
         print(f"{step}: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ fail here, before any work, with the dotted key that is wrong.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -59,29 +60,24 @@ class StageChecks(Strict):
     json_target: bool = False
 
 
-class DataStageSpec(Strict):
-    """One stage's data: its shape, where it comes from, and how much earlier data it replays."""
+class StageData(Strict):
+    """Where a stage's records come from (read by `ingest`) and how much earlier data it replays
+    (read by `prepare`)."""
 
-    kind: Literal["pretrain", "sft"]  # raw text (`text`) or chat (`messages`)
     n_records: PositiveInt | None = None  # synthetic records to generate when there are no sources
     sources: list[SourceSpec] = Field(default_factory=list)
     # Share of this stage's training rows drawn from earlier stages' training data, against
     # forgetting what they taught (sampled deterministically in `prepare`).
     replay_share: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    checks: StageChecks = Field(default_factory=StageChecks)
 
     @model_validator(mode="after")
-    def _has_data(self) -> DataStageSpec:
+    def _has_data(self) -> StageData:
         if self.n_records is None and not self.sources:
             raise ValueError("set n_records (synthetic data) or sources (your files)")
-        if self.kind == "pretrain" and (self.checks.think_block or self.checks.json_target):
-            raise ValueError("checks.think_block and checks.json_target apply to assistant replies: sft stages only")
         return self
 
 
 class DataConfig(Strict):
-    # Per curriculum stage, in the same order as train.stages.
-    stages: dict[str, DataStageSpec]
     # A source whose share of rejected items exceeds this fails `ingest` (wrong preset or format?)
     # after writing its rejects, instead of training on what little got through.
     max_reject_share: Fraction = 0.5
@@ -218,10 +214,9 @@ class LoraConfig(Strict):
         return self
 
 
-class StageSpec(Strict):
-    """One curriculum stage: its data kind, where it starts from, and its optimisation settings."""
+class StageTraining(Strict):
+    """A stage's optimisation settings (read by `train@<stage>`)."""
 
-    init_from: str
     max_steps: PositiveInt
     batch_size: PositiveInt = 8
     gradient_accumulation_steps: PositiveInt = 1
@@ -230,6 +225,23 @@ class StageSpec(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     # None: use train.lora, the default shared by every stage.
     lora: LoraConfig | None = None
+
+
+class StageSpec(Strict):
+    """One curriculum stage, in one block: its kind, where it starts from, its data, the content
+    contracts `validate` enforces on it, and its training settings."""
+
+    kind: Literal["pretrain", "sft"]  # raw text (`text`) or chat (`messages`)
+    init_from: str  # `base` or an earlier stage
+    data: StageData
+    checks: StageChecks = Field(default_factory=StageChecks)
+    train: StageTraining
+
+    @model_validator(mode="after")
+    def _checks_fit_kind(self) -> StageSpec:
+        if self.kind == "pretrain" and (self.checks.think_block or self.checks.json_target):
+            raise ValueError("checks.think_block and checks.json_target apply to assistant replies: sft stages only")
+        return self
 
 
 class LauncherConfig(Strict):
@@ -275,31 +287,6 @@ class TrainConfig(Strict):
     # Log step metrics to MLflow while the stage runs (and, with system_metrics, CPU/GPU/memory use).
     mlflow_live: bool = True
     system_metrics: bool = True
-    # Stage plan, in curriculum order; each stage's `init_from` is `base` or an earlier stage.
-    stages: dict[str, StageSpec]
-
-    @model_validator(mode="after")
-    def _chain(self) -> TrainConfig:
-        if not self.stages:
-            raise ValueError("the stage plan is empty: list at least one stage under train.stages")
-        seen: list[str] = []
-        for name, spec in self.stages.items():
-            if name == "base":
-                raise ValueError("`base` is reserved for the base model and cannot name a stage")
-            if spec.init_from != "base" and spec.init_from not in seen:
-                raise ValueError(
-                    f"train.stages.{name}.init_from is {spec.init_from!r}: it must be `base` or a "
-                    f"stage listed before it ({', '.join(seen) or 'none'})"
-                )
-            seen.append(name)
-        return self
-
-    @property
-    def final_stage(self) -> str:
-        return list(self.stages)[-1]
-
-    def lora_for(self, stage: str) -> LoraConfig:
-        return self.stages[stage].lora or self.lora
 
 
 # --- evaluate / register --------------------------------------------------------------------
@@ -348,13 +335,18 @@ class ExportConfig(Strict):
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # of the saved weights
 
 
+OLD_LAYOUT_KEYS = {"data.stages": "stages.<name>.{kind, data, checks}", "train.stages": "stages.<name>.{init_from, train}"}
+
+
 class Params(Strict):
     seed: int = 0
-    data: DataConfig
+    # The curriculum, in order: one block per stage (see StageSpec).
+    stages: dict[str, StageSpec]
+    data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
-    train: TrainConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -362,28 +354,75 @@ class Params(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
-    def _data_covers_plan(self) -> Params:
-        planned, described = list(self.train.stages), list(self.data.stages)
-        if planned != described:
-            missing = [n for n in planned if n not in described]
-            extra = [n for n in described if n not in planned]
-            detail = (f"no data.stages entry for {missing}" if missing else
-                      f"data.stages has {extra}, not in train.stages" if extra else
-                      f"order differs: data.stages {described} vs train.stages {planned}")
-            raise ValueError(f"data.stages must list the stages of train.stages in the same order: {detail}")
+    def _chain(self) -> Params:
+        if not self.stages:
+            raise ValueError("the curriculum is empty: list at least one stage under `stages`")
+        seen: list[str] = []
+        for name, spec in self.stages.items():
+            if name == "base":
+                raise ValueError("`base` is reserved for the base model and cannot name a stage")
+            if spec.init_from != "base" and spec.init_from not in seen:
+                raise ValueError(
+                    f"stages.{name}.init_from is {spec.init_from!r}: it must be `base` or a "
+                    f"stage listed before it ({', '.join(seen) or 'none'})"
+                )
+            seen.append(name)
         return self
 
     @property
     def stage_names(self) -> list[str]:
-        return list(self.train.stages)
+        return list(self.stages)
+
+    @property
+    def final_stage(self) -> str:
+        return self.stage_names[-1]
+
+    def lora_for(self, stage: str) -> LoraConfig:
+        return self.stages[stage].train.lora or self.train.lora
+
+    def train_job(self, stage: str) -> TrainJob:
+        if stage not in self.stages:
+            raise ConfigError(f"train: no stage {stage!r} in `stages` ({', '.join(self.stage_names)})")
+        return TrainJob(stage, self.stages[stage], self.train, self.lora_for(stage), self.seed,
+                        self.prepare.max_length, self.register_.experiment)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What one training stage reads of params.yaml: its own block, the shared training settings
+    with its LoRA resolved, and the few other keys it needs. Built once by `Params.train_job`."""
+
+    stage: str
+    spec: StageSpec
+    train: TrainConfig
+    lora: LoraConfig  # the stage's own `train.lora`, else the shared `train.lora`
+    seed: int
+    max_length: int  # prepare.max_length: the longest row the preflight sizes memory for
+    experiment: str  # register.experiment: where the live MLflow run goes
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part).removesuffix("_") if part in ("validate_", "register_") else str(part) for part in loc)
 
 
+def reject_old_layout(raw: dict[str, Any], source: str) -> None:
+    """params.yaml files written before one-block-per-stage get a message saying where each key went."""
+    old = [key for key in OLD_LAYOUT_KEYS if isinstance(raw.get(key.split(".")[0]), dict)
+           and key.split(".")[1] in raw[key.split(".")[0]]]
+    if old:
+        moves = "\n".join(f"  {key}.<name> -> {OLD_LAYOUT_KEYS[key]}" for key in old)
+        raise ConfigError(
+            f"{source} uses the old layout ({', '.join(old)}): each curriculum stage is now one block under "
+            f"the top-level `stages:` key, e.g.\n{moves}\n"
+            "  stages: {embedding: {kind: pretrain, init_from: base, data: {n_records: 1200}, "
+            "train: {max_steps: 60, learning_rate: 2.0e-3}}}\n"
+            "See params.yaml in the project for the full layout."
+        )
+
+
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     """Build typed params from a mapping; errors name every bad dotted key."""
+    reject_old_layout(raw, source)
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

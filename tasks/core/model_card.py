@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasks.core.config import Params
+    from tasks.core.config import LoraConfig, StageSpec, TrainConfig
     from tasks.core.promotion import ChampionScores, Decision
 
 
@@ -42,36 +42,37 @@ def forgetting_section(scores: dict) -> str:
             + f"\n\nLoss after the last stage minus loss right after its own stage: {note}.\n\n![forgetting](forgetting.png)")
 
 
-def data_section(params: Params, data_report: dict) -> str:
+def data_section(stages: dict[str, StageSpec], data_report: dict) -> str:
     rows = []
-    for stage, spec in params.data.stages.items():
-        sources = ", ".join(f"`{s.path}` ({s.preset or 'default'})" for s in spec.sources) or f"synthetic ({spec.n_records})"
+    for stage, spec in stages.items():
+        data = spec.data
+        sources = ", ".join(f"`{s.path}` ({s.preset or 'default'})" for s in data.sources) or f"synthetic ({data.n_records})"
         report = data_report.get(stage, {})
         rows.append([stage, spec.kind, sources, str(report.get("train_rows", "–")), str(report.get("eval_rows", "–"))])
     return "## Data\n\n" + _table(["stage", "kind", "sources", "train rows", "eval rows"], rows)
 
 
-def plan_section(params: Params) -> str:
+def plan_section(stages: dict[str, StageSpec], shared_lora: LoraConfig, chain_policy: str, quantization: str) -> str:
     rows = []
-    for stage, spec in params.train.stages.items():
-        lora = params.train.lora_for(stage)
-        rows.append([stage, spec.init_from, str(spec.max_steps), str(spec.batch_size), f"{spec.learning_rate:g}",
+    for stage, spec in stages.items():
+        lora, train = spec.train.lora or shared_lora, spec.train
+        rows.append([stage, spec.init_from, str(train.max_steps), str(train.batch_size), f"{train.learning_rate:g}",
                      f"r {lora.r}, alpha {lora.alpha:g}, {len(lora.target_parameters)} expert params"])
-    policy = f"chain policy `{params.train.chain_policy}`, quantization `{params.train.quantization}`"
+    policy = f"chain policy `{chain_policy}`, quantization `{quantization}`"
     return "## Stage plan\n\n" + _table(["stage", "init from", "steps", "batch", "lr", "LoRA"], rows) + f"\n\n{policy}."
 
 
-def render_card(name: str, params: Params, scores: dict, data_report: dict, champion: ChampionScores | None,
+def render_card(name: str, stages: dict[str, StageSpec], train: TrainConfig, scores: dict, data_report: dict, champion: ChampionScores | None,
                 decision: Decision, tags: dict[str, str]) -> str:
     verdict = "promoted to `champion`" if decision.promoted else "kept as `challenger` (not promoted)"
     lineage = "\n".join(f"- `{k}`: {v}" for k, v in sorted(tags.items()) if not k.startswith("gate"))
     sections = [
-        f"# {name}\n\nA stagewise curriculum model (final stage `{params.train.final_stage}`): {verdict}.\n\n"
+        f"# {name}\n\nA stagewise curriculum model (final stage `{list(stages)[-1]}`): {verdict}.\n\n"
         f"Gate: {decision.summary}.",
         metrics_section(scores, champion),
         forgetting_section(scores),
-        data_section(params, data_report),
-        plan_section(params),
+        data_section(stages, data_report),
+        plan_section(stages, train.lora, train.chain_policy, train.quantization),
         "## Lineage\n\n" + lineage,
     ]
     return "\n\n".join(s for s in sections if s) + "\n"

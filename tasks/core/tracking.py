@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from tasks.core.config import Params
+    from tasks.core.config import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def configure_mlflow() -> None:
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested params -> {"train.stages.syntax.learning_rate": "0.003", ...} for MLflow."""
+    """Nested params -> {"stages.syntax.train.learning_rate": "0.003", ...} for MLflow."""
     import json
 
     if isinstance(tree, dict):
@@ -53,12 +53,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, list) else str(tree)}
 
 
-def stage_params(stage: str, params: Params) -> dict[str, str]:
+def stage_params(job: TrainJob) -> dict[str, str]:
     """What a training stage ran with: its own settings, its LoRA and the train-wide switches."""
-    spec = params.train.stages[stage]
-    out = flatten(spec.model_dump(exclude={"lora"})) | flatten(params.train.lora_for(stage).model_dump(), "lora.")
-    wide = params.train.model_dump(include={"quantization", "chain_policy", "packing", "gradient_checkpointing",
-                                            "optimizer", "liger_kernels", "launcher"})
+    out = flatten(job.spec.train.model_dump(exclude={"lora"})) | flatten(job.lora.model_dump(), "lora.")
+    out |= {"init_from": job.spec.init_from, "kind": job.spec.kind}
+    wide = job.train.model_dump(include={"quantization", "chain_policy", "packing", "gradient_checkpointing",
+                                         "optimizer", "liger_kernels", "launcher"})
     return out | flatten(wide)
 
 
@@ -161,3 +161,16 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+def export_metrics(metrics_file: Path | None = None) -> dict[str, float]:
+    """metrics/export.json as flat MLflow metrics (`export.kl_mean`, ..., `export.passed` 0/1)."""
+    import json
+
+    from tasks.core import paths
+
+    metrics_file = metrics_file or paths.EXPORT_METRICS
+    if not metrics_file.exists():
+        return {}
+    data = json.loads(metrics_file.read_text())
+    return {f"export.{k}": float(v) for k, v in data.items() if isinstance(v, (int, float))}

@@ -77,7 +77,7 @@ def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int 
         save_strategy="steps" if schedule.save_steps else "no",
         save_steps=schedule.save_steps or 500,
         save_total_limit=2,
-        report_to="none",  # MLflow logging happens in `register`, from the files written here
+        report_to="none",  # the stage's own callback logs to its live MLflow run (tasks/core/tracking.py)
         seed=schedule.seed,
         data_seed=schedule.seed,
         use_cpu=not on_gpu,

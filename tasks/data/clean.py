@@ -239,6 +239,14 @@ def clean_record(record: dict, cfg: CleanConfig) -> tuple[dict, list[str]]:
     return ({**record, "messages": cleaned} if changed else record), sorted(all_reasons)
 
 
+def final_content(record: dict, cfg: CleanConfig) -> tuple[dict, list[str]]:
+    """The record as the pipeline keeps it, and why it changed: `clean_record`, skipped when
+    `may_change` says cleaning cannot touch it. The train/eval split hashes this content."""
+    if not may_change(record_text(record), cfg):
+        return record, []
+    return clean_record(record, cfg)
+
+
 def record_text(record: dict) -> str:
     """The text dedupe and decontamination compare: `text`, or the messages' contents joined by newlines."""
     if isinstance(record.get("text"), str):

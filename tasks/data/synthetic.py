@@ -1,6 +1,6 @@
 """The embedded synthetic curriculum: what `ingest` writes for a stage that has no `sources`.
 
-Sized by `data.stages.<stage>.n_records` and fixed by `seed`. The curriculum is built for a tiny model (BPE vocab 1024, ~100 LoRA steps on CPU) to learn
+Sized by `stages.<stage>.data.n_records` and fixed by `seed`. The curriculum is built for a tiny model (BPE vocab 1024, ~100 LoRA steps on CPU) to learn
 visibly: a small closed world, very regular templates, records of roughly 30-120 tokens.
   embedding     raw text about the world, with arithmetic, JSON and key: value lines
   syntax        "Extract JSON: <request>" -> {"intent": ..., "slots": {...}}
@@ -367,11 +367,11 @@ def generate_stage_records(stage: str, kind: Literal["pretrain", "sft"], n_recor
     if stage not in GENERATORS:
         raise ConfigError(
             f"no synthetic data for stage {stage!r} (built in: {', '.join(GENERATORS)}): "
-            f"list your files under data.stages.{stage}.sources"
+            f"list your files under stages.{stage}.data.sources"
         )
     expected, make = GENERATORS[stage]
     if kind != expected:
-        raise ConfigError(f"data.stages.{stage}.kind is {kind!r}, but the built-in {stage} data is {expected!r}")
+        raise ConfigError(f"stages.{stage}.kind is {kind!r}, but the built-in {stage} data is {expected!r}")
     rng = random.Random(f"{seed}:{stage}")  # own stream per stage: resizing one stage leaves the others alone
     records, seen = [], set()
     for _ in range(n_records * MAX_TRIES_PER_RECORD):

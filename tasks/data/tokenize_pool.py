@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.core.chat import ENCODE_BATCH, ChatRenderer, TokenBatch, render_chats, tokenize_rendered, tokenize_texts
 
 if TYPE_CHECKING:
-    from tasks.prepare import Record
+    from tasks.data.rows import Record
 
 # Where a record's tokens are: its batch, its index in the batch, and the [start, end) of its tokens
 # in the batch's arrays.

@@ -4,7 +4,7 @@ Scores compare only on the same eval sets. When the champion was evaluated on ot
 records, a re-split, another curriculum), its stored scores say nothing about this run's; so it is
 rebuilt from the registry alone, exactly as `python -m tasks.serve` rebuilds it
 (tasks/core/bundle.py), and scored by the code `evaluate` scores the final model with
-(`tasks.evaluate.score_model`: every eval loss and every generation metric). Then base, new
+(`tasks.evaluation.scoring.score_model`: every eval loss and every generation metric). Then base, new
 version and champion are all measured on the same eval sets.
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.core.config import Params
+from tasks.core.config import EvaluateConfig, StageSpec
 from tasks.core.promotion import ChampionScores
 
 if TYPE_CHECKING:
@@ -50,21 +50,22 @@ def same_vocabulary(tokenizer, params_tokenizer) -> bool:
     return tokenizer.get_vocab() == params_tokenizer.get_vocab()
 
 
-def rescore_champion(client: MlflowClient, version: ModelVersion, params: Params) -> ChampionScores:
+def rescore_champion(client: MlflowClient, version: ModelVersion, stages: dict[str, StageSpec], cfg: EvaluateConfig,
+                     seed: int) -> ChampionScores:
     """The champion's scores on the current eval splits, by the final model's evaluation code.
     Raises ChampionUnavailable when it cannot be loaded; scoring errors are not caught: they
     are bugs of the evaluation code that `evaluate` shares."""
     import torch
 
     from tasks.core.modeling import BaseInfo, load_tokenizer
-    from tasks.evaluate import score_model
+    from tasks.evaluation.scoring import score_model
 
     model, tokenizer = load_champion(client, version)
     losses = same_vocabulary(tokenizer, load_tokenizer(BaseInfo.load()))
     if not losses:
         log.warning("champion v%s has another tokenizer than models/base: scored by generation only", version.version)
-    torch.manual_seed(params.seed)  # as evaluate does: greedy decoding, but the same state all the same
-    scores = score_model(model, tokenizer, params, losses=losses)
+    torch.manual_seed(seed)  # as evaluate does: greedy decoding, but the same state all the same
+    scores = score_model(model, tokenizer, stages, cfg, losses=losses)
     log.info("champion v%s re-scored on the current eval data: %d metrics", version.version, len(scores))
     return ChampionScores(str(version.version), scores, RESCORED)
 

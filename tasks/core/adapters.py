@@ -1,0 +1,81 @@
+"""A stage's LoRA adapter: its peft config, and the adapter a stage trains (new, or the previous
+stage's loaded to keep training). `train` builds adapters with it; tests and benchmarks build the
+very same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tasks.core import paths
+from tasks.core.config import LoraConfig, TrainJob
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
+
+
+def expand_target_parameters(model, names: list[str]) -> list[str]:
+    """Short names (`mlp.experts.gate_up_proj`) -> every full parameter name they mean.
+
+    peft matches a parameter that is already parametrized (as NF4 experts are) only by its full
+    module path, so the suffixes users write in params.yaml are resolved against the model here.
+    """
+    full = []
+    for module_name, module in model.named_modules():
+        for name in names:
+            owner, _, param = name.rpartition(".")
+            if (module_name == owner or module_name.endswith(f".{owner}")) and getattr(module, param, None) is not None:
+                full.append(f"{module_name}.{param}")
+    return full
+
+
+def peft_lora_config(cfg: LoraConfig, model=None):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = list(cfg.target_parameters)
+    if model is not None and targets:
+        targets = expand_target_parameters(model, targets)
+    tied = bool(model is not None and getattr(model.config, "tie_word_embeddings", False))
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        target_parameters=targets or None,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        # a tied embedding and LM head trained in full must stay one matrix
+        ensure_weight_tying=tied and bool(cfg.modules_to_save),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def stage_lora(job: TrainJob, info) -> LoraConfig:
+    """The stage's LoRA settings; a first stage also trains the embeddings and LM head in full when
+    `model.add_tokens` gave the tokenizer tokens the base had no embedding for."""
+    from tasks.core.modeling import new_token_count
+
+    if job.spec.init_from != "base" or not new_token_count(info):
+        return job.lora
+    extra = [m for m in EMBEDDING_MODULES if m not in job.lora.modules_to_save]
+    log.info("train@%s: new tokens %s: training %s in full", job.stage, info.added_tokens, ", ".join(extra) or "them")
+    return job.lora.model_copy(update={"modules_to_save": [*job.lora.modules_to_save, *extra]})
+
+
+def attach_adapter(model, job: TrainJob, info=None):
+    """A new adapter (on the base, or under `merge` on the base with earlier adapters merged in),
+    or under `continue` the previous stage's adapter loaded for more training."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    from tasks.core.modeling import BaseInfo
+
+    if job.train.quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if job.spec.init_from == "base" or job.train.chain_policy == "merge":
+        lora = stage_lora(job, info or BaseInfo.load())
+        return get_peft_model(model, peft_lora_config(lora, model))
+    previous = paths.adapter_dir(job.spec.init_from)
+    if not (previous / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{previous} holds no adapter: run train@{job.spec.init_from} first")
+    return PeftModel.from_pretrained(model, str(previous), is_trainable=True)
