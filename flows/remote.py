@@ -10,16 +10,18 @@ because running it again would fail again.
 
 from __future__ import annotations
 
+import functools
+import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
+from typing import Any
 
 NETWORK_RETRIES = 3
-RETRY_DELAYS = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s
+RETRY_BACKOFF_FACTOR = 2  # Prefect's exponential_backoff: 2, 4, 8 s
+
+_logger = logging.getLogger(__name__)
 
 
 class RemoteError(RuntimeError):
@@ -38,14 +40,30 @@ def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True)
 
 
-@task(name="dvc-push", retries=NETWORK_RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2,
-      cache_policy=NO_CACHE)
-def push(project: str, targets: list[str] | None = None) -> str:
-    """`dvc push --run-cache`: outputs and run records to the default remote.
+def __getattr__(name: str) -> Any:
+    """`remote.push`, the Prefect task, is built on first use (PEP 562): importing Prefect takes a
+    second or two, which importing this module (and the pipeline's `--help`) should not pay."""
+    if name == "push":
+        return _push_task()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    DVC uploads objects before anything refers to them, so a push cut short leaves nothing that
-    looks complete: the next push sends what is missing."""
-    return _transfer(Path(project), "push", targets or [])
+
+@functools.cache
+def _push_task() -> Any:
+    from prefect import get_run_logger, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.tasks import exponential_backoff
+
+    @task(name="dvc-push", retries=NETWORK_RETRIES, retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_FACTOR),
+          retry_jitter_factor=0.2, cache_policy=NO_CACHE)
+    def push(project: str, targets: list[str] | None = None) -> str:
+        """`dvc push --run-cache`: outputs and run records to the default remote.
+
+        DVC uploads objects before anything refers to them, so a push cut short leaves nothing that
+        looks complete: the next push sends what is missing."""
+        return transfer(Path(project), "push", targets or [], get_run_logger().info)
+
+    return push
 
 
 def remote_config(project: Path, name: str) -> dict:
@@ -81,8 +99,9 @@ def check_reachable(project: Path, name: str) -> None:
         pass
 
 
-def _transfer(project: Path, verb: str, targets: list[str]) -> str:
-    logger = get_run_logger()
+def transfer(project: Path, verb: str, targets: list[str], log: Callable[[str], object] = _logger.info) -> str:
+    """`dvc <verb> --run-cache` against the default remote, after checking it is reachable; DVC's
+    last line, or RemoteError naming the remote."""
     remote = default_remote(project)
     if remote is None:
         raise RemoteError(f"{project}: no default DVC remote (dvc remote add -d ...)")
@@ -93,5 +112,5 @@ def _transfer(project: Path, verb: str, targets: list[str]) -> str:
         lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
         raise RemoteError(f"dvc {verb} to remote '{remote}' failed: " + " | ".join(lines[-6:]))
     summary = (done.stdout.strip().splitlines() or ["done"])[-1]
-    logger.info("dvc %s (%s): %s", verb, remote, summary)
+    log(f"dvc {verb} ({remote}): {summary}")
     return summary
