@@ -48,3 +48,12 @@ def test_a_stage_added_to_params_only_is_refused_by_name(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"`validate` stage does not list stages.code.checks, stages.code.kind"):
         check_declared("validate", "params.yaml")
     check_declared("export", "params.yaml")  # reads no stage block: nothing to add
+
+
+def test_the_train_command_is_checked_as_its_foreach_stage(tmp_path, monkeypatch):
+    """`python -m tasks.train <stage>` checks as `train`: its keys come from `${key}`, never missing."""
+    shutil.copy(PROJECT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert undeclared_stage_keys("train", load_params("params.yaml").stage_names) == []
+    check_declared("train", "params.yaml")

@@ -53,8 +53,10 @@ def undeclared_stage_keys(stage: str, stage_names: list[str], dvc_file: Path = D
     """Keys of curriculum stages that `stage` reads but dvc.yaml does not list: where dvc.yaml names
     `stages.<name>.<field>` for one curriculum stage, it must name it for every stage in params.yaml
     (a stage added to params.yaml but not to dvc.yaml would change without DVC re-running `stage`)."""
-    if "@" in stage:
-        return []  # a foreach stage names its own block through ${key}
+    spec = yaml.safe_load(dvc_file.read_text())["stages"].get(stage.partition("@")[0])
+    if "@" in stage or (isinstance(spec, dict) and "foreach" in spec):
+        # a foreach stage names its own block through ${key} (`python -m tasks.train` checks as `train`)
+        return []
     declared = declared_keys(stage, dvc_file)
     fields = {key.split(".", 2)[2] for key in declared if key.startswith("stages.") and key.count(".") >= 2}
     return [f"stages.{name}.{field}" for name in stage_names for field in sorted(fields)
