@@ -112,12 +112,18 @@ def test_tasks_without_the_harness_installed_fail_before_any_work(tmp_path, monk
 
 
 def test_no_tasks_needs_no_harness(tmp_path, monkeypatch):
-    from tasks.core.config import load_params
+    """The default lists no tasks and passes the check without the harness; the same settings with
+    a task listed do not, so the check is about the tasks, not the package alone."""
+    from tasks.core.config import ConfigError, load_params
     from tasks.evaluation.harness import require_harness
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    require_harness(load_params(write_params(project_params())).evaluate.lm_eval)  # default tasks: []
+    cfg = load_params(write_params(project_params())).evaluate.lm_eval
+    assert cfg.tasks == []
+    assert require_harness(cfg) is None
+    with pytest.raises(ConfigError, match=r"evaluate.lm_eval.tasks lists \['arc_easy'\]"):
+        require_harness(cfg.model_copy(update={"tasks": ["arc_easy"]}))
 
 
 @pytest.mark.parametrize(("row", "expected"), [

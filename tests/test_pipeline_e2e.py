@@ -1,27 +1,52 @@
 """End to end: the Prefect flow and `dvc repro` run the same DAG on the embedded default.
 
-One workspace (a temp git repo copied from the project, small params) is shared by the tests in
-file order: the flow runs everything, `dvc repro` then finds nothing to do, the MLflow store holds
-the runs and the registered version, training beat the base, and a changed training param re-runs
-exactly that stage and what follows it.
+The flow runs once for the module, in a template workspace (a temp git repo copied
+from the project, small params); each test then works in its own copy of that workspace (git,
+DVC cache, MLflow and Prefect stores included: tests/pipeline_workspace.py::copy_workspace), so a
+test that changes its workspace changes nothing another test sees, and each passes run alone.
+Checked: the flow runs everything, `dvc repro` then finds nothing to do, the MLflow store holds
+the runs and the registered version, training beat the base, a changed training param re-runs
+exactly that stage and what follows it, and the comparison report reads several runs.
+
+The template's promotion gate is set to pass (thresholds every model meets, a tolerance no score
+in [0, 1] exceeds), so which aliases each version gets is known in advance; the gate's decisions
+themselves are tested in tests/test_register.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.pipeline_workspace import PROJECT, Workspace, make_workspace, small_params
+from tests.pipeline_workspace import PROJECT, Workspace, copy_workspace, make_workspace, small_params
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["embedding", "syntax", "thinking", "instructions"]
-# The flow's order (flows/pipeline.py::stage_order); export and evaluate do not depend on each other.
+# The flow's order (flows/dvc_stages.py::stage_order); export and evaluate do not depend on each other.
 ALL_DVC_STAGES = ["ingest", "base", "prepare", "validate", *[f"train@{s}" for s in STAGES], "export", "evaluate", "register"]
+MODEL = "stagewise-assistant"
+GATE_ALWAYS_PASSES = {"thresholds": {"syntax_json_valid": 0.0, "thinking_exact_match": 0.0}, "champion_tolerance": 1.0}
+
+
+def train_key(stage: str, field: str) -> str:
+    """The dotted params key of a stage's training setting (also MLflow's param name and --set's key)."""
+    return f"stages.{stage}.train.{field}"
+
+
+def train_setting(params: dict, stage: str, field: str):
+    return params["stages"][stage]["train"][field]
+
+
+def set_train(params: dict, stage: str, field: str, value) -> None:
+    params["stages"][stage]["train"][field] = value
 
 
 def ran_stages(dvc_output: str) -> list[str]:
@@ -34,16 +59,30 @@ def flow_ran(flow_output: str) -> list[str]:
     return [] if match.group(1) == "none" else match.group(1).split(", ")
 
 
+@dataclass(frozen=True)
+class PipelineRun:
+    """A workspace the flow ran in, once, and what it printed. Tests never use it directly."""
+
+    workspace: Workspace
+    flow: subprocess.CompletedProcess
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Workspace:
-    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    ws = make_workspace(tmp_path_factory.mktemp("pipeline"), small_params(raw))
-    ws.first_flow = ws.flow()  # type: ignore[attr-defined]
-    return ws
+def template(tmp_path_factory) -> PipelineRun:
+    params = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
+    params["register"].update(GATE_ALWAYS_PASSES)
+    ws = make_workspace(tmp_path_factory.mktemp("pipeline-template"), params)
+    return PipelineRun(ws, ws.flow())
 
 
-def test_flow_runs_every_stage_in_dag_order(workspace):
-    assert flow_ran(workspace.first_flow.stdout) == ALL_DVC_STAGES
+@pytest.fixture
+def workspace(template, tmp_path) -> Workspace:
+    """This test's own copy of the workspace the flow ran in."""
+    return copy_workspace(template.workspace, tmp_path / "ws")
+
+
+def test_flow_runs_every_stage_in_dag_order(template, workspace):
+    assert flow_ran(template.flow.stdout) == ALL_DVC_STAGES
     for stage in STAGES:
         assert (workspace.root / "models" / stage / "adapter_model.safetensors").exists()
         assert not list((workspace.root / "models" / stage).glob("*.bin"))
@@ -91,10 +130,7 @@ def test_forgetting_matrix_has_every_model_on_every_eval_set(workspace):
 
 
 def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=workspace.env["MLFLOW_TRACKING_URI"])
+    client = workspace.mlflow_client()
     experiment = client.get_experiment_by_name("stagewise")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -104,7 +140,8 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
     assert sorted(r.info.run_name for r in children) == sorted(f"train@{s}" for s in STAGES)
     # the runs that trained live (step metrics as they happened) are the ones nested here
     assert all(r.data.tags.get("init_from") and r.data.tags.get("adapter_sha256") for r in children)
-    assert parent.data.params["train.stages.syntax.max_steps"] == "30"
+    max_steps = train_setting(workspace.params(), "syntax", "max_steps")
+    assert parent.data.params[train_key("syntax", "max_steps")] == str(max_steps)
     assert "final.syntax_eval_loss" in parent.data.metrics
     assert "forgetting.base.syntax" in parent.data.metrics and "after.thinking.thinking_exact_match" in parent.data.metrics
     evaluation = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
@@ -117,7 +154,7 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
     artifacts = {a.path for a in client.list_artifacts(thinking.info.run_id)}
     assert {"adapter", "validation", "metrics"} <= artifacts
 
-    version = client.get_model_version_by_alias("stagewise-assistant", "challenger")
+    version = client.get_model_version_by_alias(MODEL, "challenger")
     head = workspace.run("git", "rev-parse", "HEAD").stdout.strip()
     assert version.tags["git_commit"] == head
     assert version.tags["git_dirty"] == "false"  # outputs are DVC's, not git's: the tree stays clean
@@ -132,62 +169,67 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
         assert version.tags.get(tag), tag
     card_files = {a.path for a in client.list_artifacts(version.run_id, "adapter")}
     assert {"adapter/README.md", "adapter/forgetting.png"} <= card_files
-    card = (Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="adapter/README.md",
-                                                     tracking_uri=workspace.env["MLFLOW_TRACKING_URI"]))).read_text()
+    card = Path(client.download_artifacts(version.run_id, "adapter/README.md", str(workspace.root.parent))).read_text()
     assert "## Forgetting" in card and "## Stage plan" in card and version.tags["git_commit"] in card
     assert version.run_id == next(r.info.run_id for r in children if r.info.run_name == "train@instructions")
     registration = json.loads((workspace.root / "reports" / "registration.json").read_text())
     assert registration["version"] == str(version.version)
-    if registration["gate_passed"]:
-        assert client.get_model_version_by_alias("stagewise-assistant", "champion").version == version.version
-    del mlflow
+    # the first version, through a gate set to pass: champion as well, with no champion to compare
+    assert registration["gate_passed"] is True and version.tags["gate"] == "passed"
+    assert version.tags["compared_with_champion"] == "none (no champion yet)"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
 
 
 def test_changed_training_param_reruns_that_stage_and_downstream_only(workspace):
     params = workspace.params()
-    params["train"]["stages"]["thinking"]["learning_rate"] = 0.002
+    set_train(params, "thinking", "learning_rate", 0.002)
     workspace.write_params(params)
     out = workspace.dvc("repro")
     assert ran_stages(out.stdout) == ["train@thinking", "train@instructions", "evaluate", "export", "register"]
-    # the new version was gated against the champion on the same eval sets (when there was one)
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=workspace.env["MLFLOW_TRACKING_URI"])
-    versions = sorted(client.search_model_versions("name='stagewise-assistant'"), key=lambda v: int(v.version))
-    first, latest = client.get_model_version("stagewise-assistant", versions[0].version), versions[-1]
-    latest = client.get_model_version("stagewise-assistant", latest.version)
-    if first.tags["gate"] == "passed":
-        assert latest.tags["compared_with_champion"] == f"v{first.version} (same eval data, stored scores)"
+    # the new version was gated against the champion (the flow's version) on the same eval sets
+    client = workspace.mlflow_client()
+    first, latest = sorted(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
+    first, latest = client.get_model_version(MODEL, first.version), client.get_model_version(MODEL, latest.version)
+    assert first.tags["gate"] == "passed" and latest.tags["gate"] == "passed"
+    assert latest.tags["compared_with_champion"] == f"v{first.version} (same eval data, stored scores)"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == latest.version
     # ...and the flow then finds every stage up to date.
     assert flow_ran(workspace.flow().stdout) == []
 
 
 def test_flow_override_is_recorded_in_params_and_reruns_downstream(workspace):
-    out = workspace.flow("--set", "train.stages.instructions.max_steps=20")
+    out = workspace.flow("--set", f"{train_key('instructions', 'max_steps')}=20")
     assert flow_ran(out.stdout) == ["train@instructions", "export", "evaluate", "register"]
-    text = (workspace.root / "params.yaml").read_text()
-    assert yaml.safe_load(text)["train"]["stages"]["instructions"]["max_steps"] == 20
+    assert train_setting(workspace.params(), "instructions", "max_steps") == 20
     assert ran_stages(workspace.dvc("repro").stdout) == []
 
 
 def test_bad_override_fails_before_any_work(workspace):
-    before = (workspace.root / "params.yaml").read_text()
-    out = workspace.flow("--set", "train.stages.syntax.learning_rate=-1", check=False)
+    before = {f: (workspace.root / f).read_text() for f in ("params.yaml", "dvc.lock")}
+    out = workspace.flow("--set", f"{train_key('syntax', 'learning_rate')}=-1", check=False)
     assert out.returncode != 0
-    assert "train.stages.syntax.learning_rate" in out.stderr
-    assert (workspace.root / "params.yaml").read_text() == before
+    assert train_key("syntax", "learning_rate") in out.stderr
+    assert {f: (workspace.root / f).read_text() for f in before} == before
+    assert len(workspace.mlflow_client().search_model_versions(f"name='{MODEL}'")) == 1
 
 
 def test_report_compares_the_last_runs_side_by_side(workspace):
-    """After three pipeline runs with different params: one loss plot per stage with a line per
-    run, and one forgetting heatmap per run."""
-    import sys
-
+    """Three registered pipeline runs (the flow's, then two `dvc repro` with only register's params
+    changed, which re-run register alone): one loss plot per stage and one forgetting heatmap per
+    run, each run named in runs.json."""
+    for tolerance in (0.5, 0.9):
+        params = workspace.params()
+        params["register"]["champion_tolerance"] = tolerance
+        workspace.write_params(params)
+        assert ran_stages(workspace.dvc("repro").stdout) == ["register"]
     out = workspace.run(sys.executable, "-m", "tasks.report", "--runs", "5", "--out", "reports/compare")
     folder = workspace.root / "reports" / "compare"
     runs = json.loads((folder / "runs.json").read_text())
-    assert len(runs) >= 3
+    client = workspace.mlflow_client()
+    parents = client.search_runs([client.get_experiment_by_name("stagewise").experiment_id],
+                                 filter_string="attributes.run_name = 'pipeline'")
+    assert len(runs) == 3 and {r["run_id"] for r in runs} == {p.info.run_id for p in parents}
     for stage in STAGES:
         assert (folder / f"loss_{stage}.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(list(folder.glob("forgetting_*.png"))) == len(runs)
+    assert sorted(p.name for p in folder.glob("forgetting_*.png")) == sorted(f"forgetting_{r['run_id'][:8]}.png" for r in runs)
     assert "report: reports/compare/loss_syntax.png" in out.stdout

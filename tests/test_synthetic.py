@@ -178,7 +178,7 @@ class TestInstructions:
         assert 0.2 <= share <= 0.45
 
     def test_answers_are_exact(self, curriculum):
-        checked = 0
+        checked = uppercased = 0
         for rec in curriculum["instructions"]:
             user, reply = rec["messages"][0]["content"], rec["messages"][1]["content"]
             if m := re.fullmatch(r"Reverse these words: (.+)", user):
@@ -199,4 +199,6 @@ class TestInstructions:
             checked += 1
             if len(rec["messages"]) == 4 and rec["messages"][2]["content"] == "Now in uppercase.":
                 assert rec["messages"][3]["content"] == reply.upper()
+                uppercased += 1
         assert checked > N // 2
+        assert uppercased > 0  # the follow-up turn was checked, not skipped
