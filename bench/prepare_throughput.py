@@ -60,8 +60,8 @@ def bench_params(data: Path):
 
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     for stage, srcs in sources(data).items():
-        raw["data"]["stages"][stage]["sources"] = srcs
-    raw["data"]["stages"]["thinking"]["replay_share"] = 0.0  # so its packed rows are GSM8K alone
+        raw["stages"][stage]["data"]["sources"] = srcs
+    raw["stages"]["thinking"]["data"]["replay_share"] = 0.0  # so its packed rows are GSM8K alone
     raw["prepare"].update(max_length=ROW, packing={"enabled": True, "row_length": ROW})
     return parse_params(raw)
 

@@ -2,7 +2,9 @@
 
 Default (`model.name_or_path: null`): train a byte-level BPE tokenizer on the `embedding` corpus,
 build a tiny Qwen3-MoE from `model.tiny`, pretrain it fully on that corpus, and save both to
-`models/base/`. With `model.name_or_path` set, only resolve and record it: nothing is downloaded.
+`models/base/`. With `model.name_or_path` set, only resolve and record it: nothing is downloaded,
+and a local folder is checked (from its small files, no weights loaded) to hold what later stages
+load: config.json transformers can build without remote code, safetensors, a tokenizer, a chat template.
 
     python -m tasks.base [--params params.yaml]
 """
@@ -20,6 +22,7 @@ from tasks.core.config import CleanConfig, Params, StageSpec, TinyModelConfig, l
 from tasks.core.modeling import (
     BaseInfo,
     build_tiny_model,
+    check_model_folder,
     resolve_external,
     train_tokenizer,
 )
@@ -113,6 +116,10 @@ def resolve_base(params: Params, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
     import dataclasses
 
     if params.model.name_or_path:
+        local = Path(params.model.name_or_path).expanduser()
+        if local.is_dir():  # a hub id is only recorded; a folder is checked now, not when training loads it
+            sft = [name for name, spec in params.stages.items() if spec.kind == "sft"]
+            check_model_folder(local, params.model.trust_remote_code, sft)
         info = resolve_external(params.model)
     else:
         corpus = pretraining_texts(corpus_stage(params.stages), params.prepare.clean, params.prepare.eval_fraction)

@@ -126,9 +126,15 @@ def parity_dtype(model) -> torch.dtype:
 def save_merged(model, tokenizer, out_dir: Path, dtype: str) -> None:
     import torch
 
+    from tasks.evaluation.scoring import stop_token_ids
+
     if out_dir.exists():
         shutil.rmtree(out_dir)
     model.to(getattr(torch, TORCH_DTYPES[dtype]))
+    # generation_config.json's eos: the end of turn too, or a server of this copy (vLLM, generate())
+    # runs every chat reply to its token limit, since a Base model's names only <|endoftext|>
+    stop = stop_token_ids(tokenizer, model)
+    model.generation_config.eos_token_id = stop[0] if len(stop) == 1 else stop
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 

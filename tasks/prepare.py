@@ -7,7 +7,9 @@ Per stage, in order:
   decontaminate training records sharing a long n-gram with any stage's eval split or a listed
                benchmark file are dropped
   encode       the model's chat template; loss on every token (`pretrain`) or on assistant replies
-               and their end-of-turn marker only (`sft`); length limits applied as configured
+               and their end-of-turn marker only (`sft`); a conversation is one row, or one per
+               reply where the template rewrites history (`prepare.multi_turn`); every trained
+               span is checked against its reply; length limits applied as configured
   mix          source weights, then a replay share of earlier stages' training rows
   pack         best-fit-decreasing rows of `packing.row_length` tokens (position ids reset per record)
 
@@ -32,7 +34,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.core import paths
-from tasks.core.chat import IGNORE_INDEX, Encoded
+from tasks.core.chat import IGNORE_INDEX, ChatTemplateError, Encoded, row_ends
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, PrepareConfig, StageSpec, load_params
 from tasks.core.records import (
@@ -53,7 +55,7 @@ from tasks.core.records import (
 )
 from tasks.data.errors import Reject
 from tasks.data.rows import ROW_LISTS, Record, Rows, concat_arrays, packed_schema, packed_table, prepared_schema, write_table  # noqa: F401 - re-exported
-from tasks.data.tokenize_pool import Encoder, Located, StageFirstPool, encode_records
+from tasks.data.tokenize_pool import EncodedRecords, Encoder, Located, StageFirstPool, encode_records
 
 if TYPE_CHECKING:
     from tasks.data.decontaminate import NgramIndex
@@ -238,13 +240,19 @@ def _trains(labels: np.ndarray, start: int, a: int, b: int) -> bool:
     return bool((labels[start + a : start + b] != IGNORE_INDEX).any())
 
 
-def _row_fields(record: Record, split: str, stage: str) -> dict[str, str]:
-    """The columns a record gives each of its rows, apart from tokens, hash and text."""
+def _row_fields(record: Record, split: str, stage: str, upto: int | None = None) -> dict[str, str]:
+    """The columns a record gives each of its rows, apart from tokens, hash and text. `upto`: the
+    row holds only the first `upto` messages (a row per reply): its conversation, roles and reply
+    are those, so evaluation scores each reply once, from the history it was trained after."""
     messages = record.content.get("messages") or []
+    record_json = record.canonical or canonical_json(record.content)
+    if upto is not None and upto < len(messages):
+        messages = messages[:upto]
+        record_json = canonical_json(record.content | {"messages": messages})
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     return {
         "split": split,
-        "record_json": record.canonical or canonical_json(record.content),
+        "record_json": record_json,
         "source_stage": stage,
         "roles": ",".join(m["role"] for m in messages),
         "last_reply": replies[-1] if replies else "",
@@ -254,37 +262,50 @@ def _row_fields(record: Record, split: str, stage: str) -> dict[str, str]:
 
 
 def split_rows(data: StageData, split: str, tokenizer, cfg: PrepareConfig,
-               encoded: dict[int, Located] | None = None) -> Rows:
+               encoded: EncodedRecords | None = None) -> Rows:
     """Rows of one split after the length policy; drops go to the stage's rejects.
 
-    `encoded` (record id -> its tokens, from `Encoder.finish`) saves tokenizing again.
+    `encoded` (from `Encoder.finish`) saves tokenizing again. A chat gives one row, or one per
+    reply (`prepare.multi_turn`); a row that trains on nothing is rejected, never written.
     """
     records = data.train if split == "train" else data.eval
     kind = data.spec.kind
-    encoded = encode_records(tokenizer, kind, records) if encoded is None else encoded
+    encoded = encode_records(tokenizer, kind, records, cfg.multi_turn) if encoded is None else encoded
     pieces: list[Located] = []
     columns: dict[str, list[str]] = {name: [] for name in ROW_LISTS}
+    chats = kind != "pretrain"
+    whole_records = not chats or encoded.multi_turn in (None, "single_render")  # one row per record, all of it
     for record in records:
-        batch, index, start, end = encoded[id(record)]
-        n = end - start
-        bounds, note = _piece_bounds(n, functools.partial(_trains, batch.labels, start), kind, cfg)
-        if note in ("too_long", "truncated"):
-            action = "dropped" if note == "too_long" else "changed"
-            data.reject(record, note, f"{n} tokens, over prepare.max_length={cfg.max_length}", action)
-        elif note == "split":
-            data.counts["split_into_rows"] += 1
-        bounds = [(a, b) for a, b in bounds if b - a >= cfg.min_tokens]
-        if not bounds and note != "too_long":
-            data.reject(record, "too_short", f"{n} tokens, under prepare.min_tokens={cfg.min_tokens}")
-            continue
-        whole = len(bounds) == 1 and note is None
-        fields = _row_fields(record, split, data.stage)
-        for part, (a, b) in enumerate(bounds):
-            pieces.append((batch, index, start + a, start + b))
-            columns["content_hash"].append(record.digest if whole else f"{record.digest}:{part}")
-            columns["text"].append(batch.texts[index] if whole else _decode(tokenizer, batch.input_ids[start + a : start + b]))
-            for name, value in fields.items():
-                columns[name].append(value)
+        places = encoded.rows[id(record)]
+        ends: Sequence[int | None] = (None,) if whole_records else row_ends(record.content["messages"], encoded.multi_turn)
+        if not places:
+            data.reject(record, "nothing_to_train", f"no assistant reply to train on under prepare.multi_turn={encoded.multi_turn}")
+        for turn, ((batch, index, start, end), upto) in enumerate(zip(places, ends, strict=True), 1):
+            # rows of one record, one per reply: told apart by the reply's number
+            digest, reply = (record.digest, "") if len(places) == 1 else (f"{record.digest}#{turn}", f"assistant reply {turn}: ")
+            n = end - start
+            if chats and not batch.n_trained[index]:
+                data.reject(record, "nothing_to_train", f"{reply}no token is trained on: the chat template renders "
+                            "no assistant text for it")
+                continue
+            bounds, note = _piece_bounds(n, functools.partial(_trains, batch.labels, start), kind, cfg)
+            if note in ("too_long", "truncated"):
+                action = "dropped" if note == "too_long" else "changed"
+                data.reject(record, note, f"{reply}{n} tokens, over prepare.max_length={cfg.max_length}", action)
+            elif note == "split":
+                data.counts["split_into_rows"] += 1
+            bounds = [(a, b) for a, b in bounds if b - a >= cfg.min_tokens]
+            if not bounds and note != "too_long":
+                data.reject(record, "too_short", f"{reply}{n} tokens, under prepare.min_tokens={cfg.min_tokens}")
+                continue
+            whole = len(bounds) == 1 and note is None
+            fields = _row_fields(record, split, data.stage, upto)
+            for part, (a, b) in enumerate(bounds):
+                pieces.append((batch, index, start + a, start + b))
+                columns["content_hash"].append(digest if whole else f"{digest}:{part}")
+                columns["text"].append(batch.texts[index] if whole else _decode(tokenizer, batch.input_ids[start + a : start + b]))
+                for name, value in fields.items():
+                    columns[name].append(value)
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum([b - a for _, _, a, b in pieces], out=offsets[1:])
     return Rows(concat_arrays([batch.input_ids[a:b] for batch, _, a, b in pieces]),
@@ -373,8 +394,10 @@ def _ingest_report(stage: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def stage_report(data: StageData, train: Rows, eval_rows: Rows, replayed: int, packing: dict | None) -> dict:
-    """The stage's line in metrics/data.json: what came in, what was lost and why, what goes on."""
+def stage_report(data: StageData, train: Rows, eval_rows: Rows, replayed: int, packing: dict | None,
+                 multi_turn: str | None = None) -> dict:
+    """The stage's line in metrics/data.json: what came in, what was lost and why, what goes on,
+    and how its chats became rows (`prepare.multi_turn` as resolved; None for raw text)."""
     ingest = _ingest_report(data.stage)
     ingest_counts: Counter = Counter()
     for source in ingest.get("sources", []):
@@ -393,6 +416,7 @@ def stage_report(data: StageData, train: Rows, eval_rows: Rows, replayed: int, p
         "train_trainable_tokens": int(train.n_trainable[own].sum()),
         "eval_tokens": int(eval_rows.n_tokens.sum()),
         "packing": packing,
+        "multi_turn": multi_turn,
     }
 
 
@@ -444,7 +468,7 @@ def prepare_all(params: Params) -> list[PreparedStage]:
     writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-write")
     try:
         with _cyclic_gc_paused():
-            encoder = Encoder(tokenizer, tokenizing)
+            encoder = Encoder(tokenizer, tokenizing, params.prepare.multi_turn)
             raw = [(stage, spec, read_jsonl(paths.raw_file(stage))) for stage, spec in params.stages.items()]
             stages = clean_split_and_encode(raw, params.prepare, params.seed, encoder)
             log.info("prepare: cleaned, deduplicated, split and decontaminated %d stages in %.1f s",
@@ -487,7 +511,7 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
         writes.append(writing.submit(write_table, eval_rows.table(prepared_schema()), paths.prepared_file(data.stage, "eval")))
         rejects = _ingest_rejects(data.stage) + [r.to_json() | {"step": "prepare"} for r in data.rejects]
         write_jsonl(paths.prepared_rejects(data.stage), rejects)
-        report[data.stage] = stage_report(data, train, eval_rows, len(replayed), packing)
+        report[data.stage] = stage_report(data, train, eval_rows, len(replayed), packing, encoded.multi_turn)
         log.info("prepare: %s: %d rows encoded in %.1f s, mixed and packed in %.1f s (Parquet written in the background)",
                  data.stage, len(train) + len(eval_rows), encoded_at - stage_started, time.perf_counter() - encoded_at)
         results.append(PreparedStage(data.stage, len(train) - len(replayed), len(eval_rows), len(rejects),
@@ -507,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in prepare_all(load_params(args.params))
         ]
 
-    return run_stage_cli("prepare", __doc__, run, argv)
+    return run_stage_cli("prepare", __doc__, run, argv, expected=(ChatTemplateError,))
 
 
 if __name__ == "__main__":

@@ -479,3 +479,74 @@ class TestLengthStats:
             assert stats["words_p90"] == pytest.approx(float(np.percentile(words, 90)))
             assert stats["words_median"] == pytest.approx(float(np.median(words)))
             assert stats["chars_mean"] == pytest.approx(float(np.mean([len(t) for t in texts])))
+
+
+# --- replies after a think block (Qwen3 writes one, empty when not thinking, before every answer) ---
+
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+SNIPS_TARGET = '{"intent": "BookRestaurant", "slots": {"party_size_number": "two", "city": "Oslo"}}'
+SQL_TARGET = 'SELECT DISTINCT course_id FROM course WHERE department = "EECS" ;'
+
+
+def stage(**checks):
+    """The project's `instructions` stage (an sft stage) with these data-contract checks."""
+    import yaml
+
+    from tasks.core.config import StageSpec
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["stages"]["instructions"]
+    return StageSpec.model_validate(raw | {"checks": checks})
+
+
+class TestRepliesAfterThinkBlock:
+    @pytest.mark.parametrize(
+        "reply, final",
+        [
+            (EMPTY_THINK + SNIPS_TARGET, "\n\n" + SNIPS_TARGET),
+            ("<think>\nbook it\n</think>\n\nyes", "\n\nyes"),
+            ("<think>a</think>b</think>c", "c"),  # the last block ends the thoughts
+            ("no block", "no block"),
+            ("<think>cut off while thinking", "<think>cut off while thinking"),  # as extract_answer reads it
+        ],
+    )
+    def test_final_reply(self, reply, final):
+        from tasks.evaluation.answers import final_reply
+
+        assert final_reply(reply) == final
+
+    def test_an_empty_think_block_before_json_is_valid_json(self):
+        from tasks.evaluation.scoring import reply_scores
+
+        scores = reply_scores(stage(json_target=True), [EMPTY_THINK + SNIPS_TARGET], [SNIPS_TARGET])
+        assert scores["json_valid"] == 1.0 and scores["intent_accuracy"] == 1.0
+        assert scores["slot_precision"] == scores["slot_recall"] == scores["slot_f1"] == 1.0
+
+    def test_a_reasoned_json_reply_scores_as_its_json(self):
+        from tasks.evaluation.scoring import reply_scores
+
+        reply = '<think>\nThey want a table for two in Oslo.\n</think>\n\n{"intent": "BookRestaurant", "slots": {"city": "oslo"}}'
+        scores = reply_scores(stage(json_target=True), [reply, "{not json"], [SNIPS_TARGET, SNIPS_TARGET])
+        assert scores["json_valid"] == 0.5 and scores["intent_accuracy"] == 0.5
+        assert scores["slot_precision"] == 1.0 and scores["slot_recall"] == 0.25
+
+    def test_sql_after_a_think_block(self):
+        from tasks.evaluation.scoring import reply_scores
+
+        scores = reply_scores(stage(json_target=True), [EMPTY_THINK + SQL_TARGET.replace("SELECT DISTINCT", "select  distinct")], [SQL_TARGET])
+        assert scores["sql_exact_match"] == 1.0 and scores["json_valid"] == 0.0
+
+    def test_answer_after_a_think_block_matches(self):
+        from tasks.evaluation.scoring import reply_scores
+
+        replies = ["<think>\n3 + 4 = 7, or is it 8?\n</think>\n\nThe answer is 7.", EMPTY_THINK + "#### 7", "<think>7</think>"]
+        scores = reply_scores(stage(think_block=True), replies, ["<think>\n3+4=7\n</think>\n\nThe answer is 7."] * 3)
+        assert scores["exact_match"] == pytest.approx(2 / 3)  # the last has no answer after its thoughts
+        assert scores["think_well_formed"] == pytest.approx(2 / 3)
+
+    def test_rouge_reads_the_reply_after_the_block_and_lengths_the_whole_reply(self):
+        from tasks.evaluation.scoring import reply_scores
+
+        reference = "Paris is the capital of France."
+        scores = reply_scores(stage(), [EMPTY_THINK + reference, "<think>\nFrance\n</think>\n\n" + reference], [reference] * 2)
+        assert scores["rouge_l"] == 1.0
+        assert scores["reply_words_mean"] == pytest.approx((8 + 9) / 2)  # the tags and thoughts count as words

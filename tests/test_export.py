@@ -145,3 +145,13 @@ def test_export_config_rejects_unknown_dtype():
 
     with pytest.raises(ConfigError, match="export.dtype"):
         parse_params(raw_params({"dtype": "int8"}))
+
+
+def test_generation_config_keeps_the_tiny_base_single_stop(in_chain, tmp_path, unit_tokenizer):
+    """The end of turn is added to generation_config.json's eos only where it differs from eos: the
+    tiny base's eos is <|im_end|> already (Qwen3's two stops: tests/test_qwen3_generation.py)."""
+    from tasks.core.modeling import BaseInfo, load_base_model
+
+    export_step.save_merged(load_base_model(BaseInfo.load()), unit_tokenizer, tmp_path / "merged", "bf16")
+    saved = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == unit_tokenizer.eos_token_id == unit_tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -10,10 +10,19 @@ renders each role sequence once with placeholder contents (a skeleton), and take
 prefixes from its skeleton when the record's own render equals its skeleton filled in. Whether a
 template qualifies is learnt from probes at start-up; one that trims, strips or reformats any
 probe content in any prefix never takes that path.
+
+Templates that rewrite history (Qwen3 drops the reasoning of every reply before the last user
+message and writes a think block into the last reply) are not prefix-consistent: a conversation
+cannot be one row with every reply trained. `ChatRenderer.rows` then makes one row per reply
+(`per_turn`), or one for the last (`last_turn`), each the conversation as the template renders it
+when that reply is the one generated. Whatever the policy, every trained span is checked: it starts
+where the render really has the reply, and holds the reply's text and reasoning. A template that
+moves or drops them raises `ChatTemplateError`; no mask is ever shifted or emptied in silence.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,7 +38,93 @@ IGNORE_INDEX = -100
 ENCODE_BATCH = 2048
 
 Span = tuple[int, int]  # [start, end) characters of one assistant reply in the rendered text
+Rendered = tuple[str, list[Span]]  # one row's text and its trained spans
 PREFIX_INCONSISTENT = "the chat template does not render conversations prefix-consistently"
+# `prepare.multi_turn`: how a conversation becomes rows. `auto` resolves to one of the first two.
+MULTI_TURN_POLICIES = ("single_render", "per_turn", "last_turn")
+
+# What each kind of template misbehaviour is, and what to do about it. No regex metacharacters in
+# them: tests match one error's text against another's.
+_HISTORY_REWRITTEN = (
+    PREFIX_INCONSISTENT + ": a reply reads differently once later turns follow it, as when a template"
+    " drops the reasoning of earlier replies, as Qwen3's does"
+)
+_PROMPT_MISPLACED = (
+    "the chat template's generation prompt is not a prefix of its render of the conversation through"
+    " the reply, so the reply does not start where the prompt ends; templates that open <think> in the"
+    " generation prompt and strip reasoning from replies do this. At character {at} the prompt has"
+    " {prompt} where the render has {render}"
+)
+_CONTENT_DROPPED = (
+    "the chat template drops or rewrites the {part} of a trained reply: {content} is not in the text"
+    " it would be trained on"
+)
+_FIX_TEMPLATE = (
+    "give the base model's tokenizer a training chat template, the chat_template of its"
+    " tokenizer_config.json or chat_template.jinja, that renders every reply, reasoning included,"
+    " right after the generation prompt"
+)
+_FIX_HISTORY = (
+    "Fix: set prepare.multi_turn in params.yaml to auto or per_turn, which encodes each reply as the"
+    " template renders it when that reply is generated, or " + _FIX_TEMPLATE
+)
+_FIX_PROMPT = (
+    "Fix: " + _FIX_TEMPLATE + "; no prepare.multi_turn policy helps, as every one trains on the reply"
+    " from where the generation prompt ends"
+)
+_FIX_CONTENT = (
+    "Fix: " + _FIX_TEMPLATE + "; where a template drops reasoning only from replies before the last"
+    " user message, prepare.multi_turn: per_turn, what auto picks for it, trains each reply before it is dropped"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The chat template does not render a trained reply where, or as, the record has it: no mask
+    would be right, so the record is refused instead of trained on shifted or missing text."""
+
+    def __init__(self, problem: str, fix: str, reply: int | None = None, where: str = "") -> None:
+        self.problem, self.fix, self.reply, self.where = problem, fix, reply, where
+        place = [f"record {where}"] if where else []
+        place += [f"assistant reply {reply}"] if reply is not None else []
+        super().__init__(problem + (f"; in {', '.join(place)}" if place else "") + ". " + fix)
+
+    def at(self, where: str) -> ChatTemplateError:
+        """The same error, naming the record it happened in."""
+        return ChatTemplateError(self.problem, self.fix, self.reply, where)
+
+
+def _snippet(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit // 2] + "..." + text[-limit // 2 :])
+
+
+def _reply_parts(message: dict) -> list[tuple[str, str]]:
+    """What of a reply its trained text must hold: its answer, and the reasoning of its think block
+    (or `reasoning_content`), ends trimmed as templates trim them."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return []
+    reasoning = message.get("reasoning_content")
+    parts = [("reasoning", reasoning.strip())] if isinstance(reasoning, str) else []
+    if "</think>" not in content:
+        return parts + [("text", content.strip())]
+    # Split as Qwen3's template and its kin do: reasoning before the first </think>, answer after the last.
+    return parts + [("reasoning", content.split("</think>")[0].split("<think>")[-1].strip()),
+                    ("answer", content.split("</think>")[-1].strip())]
+
+
+def _checked_span(text: str, prompt: str, end: int, message: dict, reply: int) -> Span:
+    """The span of a reply between its generation prompt and `end`, after checking that the render
+    starts with that prompt and that the span holds the reply's text and reasoning."""
+    if not text.startswith(prompt):
+        at = next((i for i, (a, b) in enumerate(zip(prompt, text)) if a != b), min(len(prompt), len(text)))
+        window = slice(max(at - 24, 0), at + 24)
+        raise ChatTemplateError(_PROMPT_MISPLACED.format(at=at, prompt=repr(prompt[window]), render=repr(text[window])),
+                                _FIX_PROMPT, reply)
+    trained = text[len(prompt) : end]
+    for part, content in _reply_parts(message):
+        if content and content not in trained:
+            raise ChatTemplateError(_CONTENT_DROPPED.format(part=part, content=_snippet(content)), _FIX_CONTENT, reply)
+    return len(prompt), end
 
 
 @dataclass(frozen=True)
@@ -64,6 +159,16 @@ _SHAPE_PROBES = [
     [{"role": "user", "content": "Q1 "}, {"role": "assistant", "content": "<think>a</think>\n\n A1 "},
      {"role": "user", "content": " <|im_end|>\n Q2"}, {"role": "assistant", "content": "</think> A2\n"},
      {"role": "user", "content": "\nQ3\n"}, {"role": "assistant", "content": " A3"}],
+]
+# Conversations `auto` tells templates apart by: one that renders any of them other than
+# prefix-consistently (replies where the prefix method puts them, text and reasoning kept) gets
+# per_turn. Reasoning in earlier and later turns, with and without a system prompt.
+_CONSISTENCY_PROBES = [
+    _PROBE,
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+     {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nHello."},
+     {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}],
 ]
 _SLOT = re.compile("\ue000(\\d+)\ue001")  # a placeholder content: private-use characters around the message index
 
@@ -101,13 +206,29 @@ class _Shape:
     def spans(self, text: str, contents: list[str]) -> list[Span]:
         """The prefix method's spans, with each prefix render taken from its skeleton."""
         spans = []
-        for prompt, through in self.replies:
+        for reply, (prompt, through) in enumerate(self.replies, 1):
             upto = text if through is None else through.fill(contents)
             end = len(upto.rstrip())
             if not text.startswith(upto[:end]):
-                raise ValueError(PREFIX_INCONSISTENT)
+                raise ChatTemplateError(_HISTORY_REWRITTEN, _FIX_HISTORY, reply)
             spans.append((prompt.length(contents), end))
         return spans
+
+    def checks_out(self, roles: tuple[str, ...]) -> bool:
+        """Whether, for every content, each reply's span starts where the full render has its
+        generation prompt and holds the reply's whole content: `_checked_span`'s checks, done once
+        for the role sequence on the skeletons (contents are copied verbatim, so a placeholder
+        standing where the prompt ends or inside the span stands there for any content)."""
+        markers = [f"\ue000{i}\ue001" for i in range(len(roles))]
+        text = self.full.fill(markers)
+        indices = [i for i, role in enumerate(roles) if role == "assistant"]
+        for i, (prompt, through) in zip(indices, self.replies, strict=True):
+            start = prompt.fill(markers)
+            upto = text if through is None else through.fill(markers)
+            at = upto.find(markers[i])
+            if not text.startswith(start) or at < len(start) or at + len(markers[i]) > len(upto.rstrip()):
+                return False
+        return True
 
 
 def _roles(messages: list[dict]) -> tuple[str, ...] | None:
@@ -131,7 +252,8 @@ class ChatRenderer:
     `apply_chat_template` does; otherwise every call goes through it.
 
     `spans` finds assistant spans from one render per record when the probes show the template
-    copies contents verbatim (`single_render`), and by prefix renders otherwise.
+    copies contents verbatim (`single_render`), and by prefix renders otherwise. `rows` turns a
+    conversation into rows under a `prepare.multi_turn` policy, `multi_turn` resolves `auto`.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -207,7 +329,8 @@ class ChatRenderer:
             if prompt is None or (through is None and i != last):
                 return None
             replies.append((prompt, through))
-        return _Shape(full, tuple(replies))
+        shape = _Shape(full, tuple(replies))
+        return shape if shape.checks_out(roles) else None  # the prefix method checks each record and says what is wrong
 
     def _copies_contents_verbatim(self) -> bool:
         """True if every prefix of every probe, with and without the generation prompt, is its skeleton filled in."""
@@ -227,7 +350,8 @@ class ChatRenderer:
         """The rendered conversation and the character spans of each assistant reply.
 
         A span runs from the end of the generation prompt to the end-of-turn marker; the whitespace
-        the template puts after that marker is not trained on.
+        the template puts after that marker is not trained on. Raises `ChatTemplateError` unless
+        every span starts where the render has its reply and holds the reply's text and reasoning.
         """
         text = self(messages)
         roles = _roles(messages) if self.single_render else None
@@ -242,16 +366,83 @@ class ChatRenderer:
         """Spans from renders of each reply's prefixes: right for any prefix-consistent template."""
         last = len(messages) - 1
         spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = len(self(messages[:i], generation_prompt=True))
+        for reply, i in enumerate(_reply_indices(messages), 1):
+            prompt = self(messages[:i], generation_prompt=True)
             through = text if i == last else self(messages[: i + 1])
             end = len(through.rstrip())
-            if not text.startswith(through[:end]):
-                raise ValueError(PREFIX_INCONSISTENT)
-            spans.append((start, end))
+            if text.startswith(prompt) and not text.startswith(through[:end]):
+                raise ChatTemplateError(_HISTORY_REWRITTEN, _FIX_HISTORY, reply)
+            spans.append(_checked_span(text, prompt, end, messages[i], reply))
         return spans
+
+    # --- rows under a multi-turn policy ----------------------------------------------------------
+
+    @functools.cached_property
+    def _probe_error(self) -> ChatTemplateError | None:
+        """What the prefix method found wrong on the first probe conversation it failed on."""
+        for probe in _CONSISTENCY_PROBES:
+            try:
+                self.prefix_spans(probe, self(probe))
+            except ChatTemplateError as exc:
+                return exc
+            except Exception:  # noqa: BLE001, S112 - a probe the template refuses (no system role...) tells nothing
+                continue
+        return None
+
+    @property
+    def prefix_consistent(self) -> bool:
+        """Whether the probe conversations render prefix-consistently, every reply's text and
+        reasoning where the prefix method puts its span: what the `single_render` policy needs."""
+        return self._probe_error is None
+
+    def multi_turn(self, requested: str) -> str:
+        """The policy `prepare.multi_turn: requested` means for this template: `auto` is
+        single_render where the template is prefix-consistent, per_turn where it rewrites history."""
+        if requested == "auto":
+            return "single_render" if self.prefix_consistent else "per_turn"
+        if requested not in MULTI_TURN_POLICIES:
+            raise ValueError(f"prepare.multi_turn: expected auto or one of {', '.join(MULTI_TURN_POLICIES)}, found {requested!r}")
+        found = self._probe_error
+        if requested == "single_render" and found is not None:
+            raise ChatTemplateError(f"prepare.multi_turn is single_render, but on a probe conversation {found.problem}", found.fix)
+        return requested
+
+    def turn_row(self, messages: list[dict], i: int, reply: int) -> Rendered:
+        """Reply `i` (the `reply`-th) as the model sees it when generating it: the conversation
+        through it, rendered with the reply last, trained on that reply only. The text before the
+        span is the template's generation-prompt render of the history."""
+        text = self(messages[: i + 1])
+        prompt = self(messages[:i], generation_prompt=True)
+        return text, [_checked_span(text, prompt, len(text.rstrip()), messages[i], reply)]
+
+    def rows(self, messages: list[dict], policy: str) -> list[Rendered]:
+        """The rows of one conversation under a resolved policy (see `row_ends` for what each holds).
+
+        single_render: one row, every reply trained (`spans`). per_turn: a row per reply
+        (`turn_row`). last_turn: the last reply's row only.
+        """
+        if policy == "single_render":
+            return [self.spans(messages)]
+        replies = list(enumerate(_reply_indices(messages), 1))
+        if policy == "last_turn":
+            replies = replies[-1:]
+        elif policy != "per_turn":
+            raise ValueError(f"unknown multi-turn policy {policy!r}: expected one of {', '.join(MULTI_TURN_POLICIES)}")
+        return [self.turn_row(messages, i, reply) for reply, i in replies]
+
+
+def _reply_indices(messages: list[dict]) -> list[int]:
+    return [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+
+
+def row_ends(messages: list[dict], policy: str) -> list[int]:
+    """How many of the conversation's messages each of its rows under `policy` holds, in the order
+    `ChatRenderer.rows` gives them (a row trains on the last reply it holds, or on all of them
+    under single_render)."""
+    if policy == "single_render":
+        return [len(messages)]
+    ends = [i + 1 for i in _reply_indices(messages)]
+    return ends[-1:] if policy == "last_turn" else ends
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase | ChatRenderer, messages: list[dict]) -> tuple[str, list[Span]]:
@@ -314,6 +505,14 @@ class TokenBatch:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    @functools.cached_property
+    def n_trained(self) -> list[int]:
+        """Trained tokens per text, from one pass over all labels (a check per text costs more)."""
+        import numpy as np
+
+        seen = np.concatenate(([0], np.cumsum(self.labels != IGNORE_INDEX)))
+        return (seen[self.offsets[1:]] - seen[self.offsets[:-1]]).tolist()
 
     def encoded(self, i: int) -> Encoded:
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])

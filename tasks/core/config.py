@@ -173,6 +173,11 @@ class PrepareConfig(Strict):
     # a chat is `drop`ped to the rejects or `truncate`d (its tail, with the last reply, is lost).
     pretrain_overflow: Literal["split", "truncate", "drop"] = "split"
     chat_overflow: Literal["drop", "truncate"] = "drop"
+    # How a conversation becomes rows. single_render: one row, every reply trained (needs a
+    # prefix-consistent template); per_turn: a row per reply, each as the template renders the
+    # conversation when that reply is generated (templates that rewrite history, like Qwen3's);
+    # last_turn: the last reply's row only. auto: single_render or per_turn, by probing the template.
+    multi_turn: Literal["auto", "per_turn", "last_turn", "single_render"] = "auto"
     eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
@@ -308,6 +313,10 @@ class EvaluateConfig(Strict):
     max_new_tokens: PositiveInt = 64
     samples: Annotated[int, Field(ge=0)] = 5  # replies per eval set kept for people to read (MLflow table)
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+    # The chat template's `enable_thinking` for generated replies (Qwen3's switch; templates without
+    # it ignore it). auto: on for stages whose checks.think_block is true, off for the others, as
+    # Qwen3 is used; true / false: every stage.
+    enable_thinking: bool | Literal["auto"] = "auto"
 
 
 class RegisterConfig(Strict):

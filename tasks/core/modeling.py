@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from tasks.core import paths
-from tasks.core.config import ModelConfig, TinyModelConfig
+from tasks.core.config import ConfigError, ModelConfig, TinyModelConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -131,7 +131,10 @@ def resolve_external(cfg: ModelConfig) -> BaseInfo:
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").exists():
-            raise FileNotFoundError(f"model.name_or_path {name!r} is a folder without config.json")
+            raise FileNotFoundError(
+                f"model.name_or_path {name!r} is a folder without config.json: point it at the folder "
+                f"save_pretrained wrote (the one holding config.json), or at a hub id (owner/name)"
+            )
         name = str(local.resolve())
     elif name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise FileNotFoundError(
@@ -140,6 +143,153 @@ def resolve_external(cfg: ModelConfig) -> BaseInfo:
     return BaseInfo(
         kind="external", name_or_path=name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
+
+
+class ModelFolderError(ConfigError):
+    """`model.name_or_path` names a local folder that cannot be the base: each problem says what is
+    missing or wrong and what to do."""
+
+
+# Weight files transformers can load; only safetensors are loaded here (a pickle runs code when read).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Where a chat template lives besides tokenizer_config.json's chat_template (transformers 5 saves it here).
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _read_json(file: Path, problems: list[str]) -> dict | None:
+    """The file's JSON object, or None (a problem is recorded when the file exists but is not one)."""
+    if not file.is_file():
+        return None
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        problems.append(f"{file.name} is not valid JSON ({error}): rewrite it, e.g. with save_pretrained")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{file.name} holds a JSON {type(value).__name__}, not an object: rewrite it, e.g. with save_pretrained")
+        return None
+    return value
+
+
+def _config_problems(folder: Path, config: dict | None, tokenizer_config: dict | None,
+                     trust_remote_code: bool) -> list[str]:
+    """What keeps transformers from building the model from config.json with its own code."""
+    if config is None:
+        if (folder / "config.json").is_file():
+            return []  # there but unreadable: _read_json said so
+        nested = sorted(str(p.parent.relative_to(folder)) for p in folder.glob("*/config.json"))
+        hint = f" ({', '.join(nested)} has one: point model.name_or_path there?)" if nested else ""
+        return [(f"no config.json, the model's architecture and sizes{hint}: point model.name_or_path at the folder "
+                 "save_pretrained wrote, the one holding config.json")]
+    if trust_remote_code:
+        return []  # the folder's own code may define anything; transformers will say if it cannot
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    problems = []
+    model_type = config.get("model_type")
+    code = _auto_map_names(config)
+    if not model_type:
+        problems.append("config.json has no model_type, so transformers cannot tell which architecture to build: "
+                        "add the model_type of the architecture the weights are for (e.g. qwen3_moe)")
+    elif model_type not in CONFIG_MAPPING_NAMES:
+        import transformers
+
+        ships = f" (its auto_map names the folder's code: {code})" if code else ""
+        problems.append(
+            f"config.json's model_type {model_type!r} is not one transformers {transformers.__version__} knows"
+            f"{ships}, so the model's code would have "
+            f"to come from the folder (trust_remote_code), and model.trust_remote_code is false: upgrade transformers "
+            f"if a newer release has {model_type}, or set model.trust_remote_code: true in params.yaml if you have "
+            f"read and trust the folder's code"
+        )
+    if code and model_type in CONFIG_MAPPING_NAMES:
+        problems.append(
+            f"config.json has an auto_map ({code}): the folder ships its own model code, which runs only with "
+            f"trust_remote_code, and model.trust_remote_code is false, so transformers would build its own "
+            f"{model_type} instead, which may not be the model these weights are for. Set model.trust_remote_code: "
+            f"true in params.yaml if you have read and trust that code, or remove auto_map from config.json if the "
+            f"model is transformers' own {model_type}"
+        )
+    tokenizer_code = _auto_map_names(tokenizer_config or {})
+    if tokenizer_code:
+        problems.append(
+            f"tokenizer_config.json has an auto_map ({tokenizer_code}): the tokenizer's code is the folder's, which "
+            f"runs only with trust_remote_code, and model.trust_remote_code is false. Set model.trust_remote_code: "
+            f"true in params.yaml if you have read and trust that code, or remove auto_map from tokenizer_config.json "
+            f"if its tokenizer_class is one transformers has"
+        )
+    return problems
+
+
+def _auto_map_names(config: dict) -> str:
+    """`AutoX -> module.Class, ...` of a config's auto_map ('' when it has none)."""
+    auto_map = config.get("auto_map")
+    if not auto_map:
+        return ""
+    return ", ".join(f"{k} -> {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else str(auto_map)
+
+
+def _weight_problems(folder: Path) -> list[str]:
+    """Safetensors weights present (every shard an index names), not only PyTorch pickles."""
+    safetensors = sorted(p.name for p in folder.glob("*.safetensors"))
+    problems = []
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = (_read_json(index, problems) or {}).get("weight_map") or {}
+        missing = sorted(set(weight_map.values()) - set(safetensors)) if isinstance(weight_map, dict) else []
+        if missing:
+            problems.append(f"{SAFETENSORS_INDEX} names shards that are not in the folder: {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''}: copy or download them all")
+    if safetensors:
+        return problems
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        shown = ", ".join(pickles[:3]) + (" ..." if len(pickles) > 3 else "")
+        return problems + [(
+            f"weights only as PyTorch pickles ({shown}), no .safetensors: the pipeline loads safetensors only "
+            "(a pickle can run code when it is read). Convert them once with transformers, which reads pickles as "
+            "plain tensors: python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{folder}', use_safetensors=False, dtype='auto').save_pretrained('{folder}')\" "
+            "(writes model.safetensors next to them)"
+        )]
+    return problems + [("no weights (*.safetensors): copy the model's model.safetensors (or its shards and "
+                        f"{SAFETENSORS_INDEX}) into the folder")]
+
+
+def _tokenizer_problems(folder: Path, tokenizer_config: dict | None, sft_stages: list[str]) -> list[str]:
+    """A tokenizer saved with the model and, when a stage trains on chats, a chat template."""
+    problems = []
+    if not (folder / "tokenizer.json").is_file() and tokenizer_config is None:
+        problems.append("no tokenizer (tokenizer.json or tokenizer_config.json): save the tokenizer the model was "
+                        f"trained with into the folder, e.g. AutoTokenizer.from_pretrained(<its source>).save_pretrained('{folder}')")
+    template = (tokenizer_config or {}).get("chat_template")
+    if sft_stages and not template and not (folder / CHAT_TEMPLATE_FILE).is_file():
+        problems.append(
+            f"no chat template (chat_template in tokenizer_config.json, or {CHAT_TEMPLATE_FILE}), and the sft "
+            f"stage{'s' if len(sft_stages) > 1 else ''} {', '.join(sft_stages)} render{'' if len(sft_stages) > 1 else 's'} "
+            f"conversations with it: write the template the model is to answer in to {folder / CHAT_TEMPLATE_FILE} "
+            f"(Qwen3's is tasks/tools/qwen3_chat_template.jinja; a Base model's own tokenizer often has one)"
+        )
+    return problems
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool, sft_stages: list[str]) -> None:
+    """Fail, naming every problem at once, unless the local folder holds a model the pipeline can
+    load: config.json of an architecture transformers knows (or remote code allowed), safetensors
+    weights, a tokenizer and, for `sft_stages`, a chat template. Reads small files only: no weights."""
+    folder = Path(folder).expanduser().resolve()
+    problems: list[str] = []
+    config = _read_json(folder / "config.json", problems)
+    tokenizer_config = _read_json(folder / "tokenizer_config.json", problems)
+    problems += _config_problems(folder, config, tokenizer_config, trust_remote_code)
+    problems += _weight_problems(folder)
+    problems += _tokenizer_problems(folder, tokenizer_config, sft_stages)
+    if problems:
+        raise ModelFolderError(
+            f"model.name_or_path: {folder} is not a model the pipeline can load:\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+        )
 
 
 def load_tokenizer(info: BaseInfo) -> PreTrainedTokenizerBase:

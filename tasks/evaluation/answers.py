@@ -117,6 +117,13 @@ def _last_number(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+def final_reply(text: str) -> str:
+    """The answer part of a reply: the text after its last `</think>`, else the whole reply. Qwen3
+    writes a think block before every answer, an empty one when it does not think, so JSON, SQL and
+    ROUGE are read from here, as the final answer is."""
+    return text.split("</think>")[-1]
+
+
 def extract_answer(text: str) -> str | None:
     """The final answer of a worked solution as a normalised number (see `normalize_number`), or
     None when there is none.
@@ -129,7 +136,7 @@ def extract_answer(text: str) -> str | None:
     4. the last number in the text.
     `answer is` outranks `####` because a reply that states its answer and then rambles on (small
     models do) would otherwise be scored on the ramble."""
-    tail = _CALCULATOR_NOTE.sub("", text.split("</think>")[-1])
+    tail = _CALCULATOR_NOTE.sub("", final_reply(text))
     boxed = _last_boxed(tail)
     for answer in (
         _boxed_answer(boxed) if boxed is not None else None,
