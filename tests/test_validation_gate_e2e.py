@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from tests.pipeline_workspace import PROJECT, make_workspace, small_params
+from tests.pipeline_workspace import PROJECT, copy_workspace, make_workspace, small_params
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +63,8 @@ def test_nothing_was_trained_and_earlier_outputs_are_kept(failed_run):
     assert {"ingest", "base", "prepare"} <= set(lock["stages"]) and "validate" not in lock["stages"]
 
 
-def test_fixed_data_resumes_without_rebuilding_the_base(failed_run):
-    ws, _ = failed_run
+def test_fixed_data_resumes_without_rebuilding_the_base(failed_run, tmp_path):
+    ws = copy_workspace(failed_run[0], tmp_path / "fixed")  # its own copy: the failed run stays as it was
     (ws.root / "data/sources/syntax.jsonl").write_text(user_syntax_file(broken=0))
     out = ws.dvc("repro", "validate")
     ran = [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]

@@ -144,14 +144,13 @@ def load_version(files: VersionFiles):
     """(model, tokenizer) of a downloaded version in full precision: base, merged chain, final
     adapter on top. The same steps as `tasks/core/chain.py::load_stage_model`, which reads the
     adapters from the working tree's models/."""
-    from peft import PeftModel
-
+    from tasks.core.chain import load_adapter
     from tasks.core.modeling import load_base_model, load_tokenizer
 
     model = load_base_model(files.base, "none")
     for _, folder in files.merged_chain:
-        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    model = PeftModel.from_pretrained(model, str(files.adapter), is_trainable=False)
+        model = load_adapter(model, Path(folder)).merge_and_unload()
+    model = load_adapter(model, Path(files.adapter), is_trainable=False)
     model.eval()
     return model, load_tokenizer(files.base)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.core import paths
@@ -46,8 +47,6 @@ def merged_chain_for(init_from: str, policy: str) -> list[str]:
 
 def base_with_chain(info: BaseInfo, chain: list[str], quantization: str = "none") -> PreTrainedModel:
     """The base with `chain`'s adapters merged in full precision, then quantized if asked."""
-    from peft import PeftModel
-
     from tasks.core.modeling import BaseInfo as Info
     from tasks.core.modeling import load_base_model
 
@@ -55,7 +54,7 @@ def base_with_chain(info: BaseInfo, chain: list[str], quantization: str = "none"
         return load_base_model(info, quantization)
     model = load_base_model(info, "none")
     for stage in chain:
-        model = PeftModel.from_pretrained(model, str(paths.adapter_dir(stage))).merge_and_unload()
+        model = load_adapter(model, stage).merge_and_unload()
     if quantization == "none":
         return model
     with tempfile.TemporaryDirectory() as tmp:  # reload through the quantizing loader
@@ -66,10 +65,23 @@ def base_with_chain(info: BaseInfo, chain: list[str], quantization: str = "none"
 
 def load_stage_model(info: BaseInfo, stage: str, quantization: str = "none") -> PreTrainedModel:
     """A finished stage's model for evaluation: its chain merged into the base, its adapter on top."""
+    model = base_with_chain(info, merged_chain_of(stage), quantization)
+    return load_adapter(model, stage, is_trainable=False)
+
+
+def load_adapter(model, adapter: str | Path, **kwargs):
+    """The adapter in folder `adapter` (a Path; a str names a stage: its folder under models/) on
+    `model`, through peft. One trained on NF4 experts (its stage.json says so) nests its expert LoRA
+    as peft nests it on 4-bit parameters, so a full-precision model is made to nest the same way."""
     from peft import PeftModel
 
-    model = base_with_chain(info, merged_chain_of(stage), quantization)
-    return PeftModel.from_pretrained(model, str(paths.adapter_dir(stage)), is_trainable=False)
+    from tasks.core.peft_fixes import nest_expert_lora_as_on_4bit
+
+    folder = adapter if isinstance(adapter, Path) else paths.adapter_dir(adapter)
+    info = folder / STAGE_INFO_FILE
+    if info.exists() and json.loads(info.read_text()).get("quantization") == "nf4":
+        nest_expert_lora_as_on_4bit(model)  # no-op on 4-bit experts (they are parametrizations)
+    return PeftModel.from_pretrained(model, str(folder), **kwargs)
 
 
 def chain_description(stage: str) -> str:

@@ -96,3 +96,25 @@ def four_bit_stand_in(module, name: str):
     state = stack[0].quant_state
     shape = tuple(state.shape)
     return torch.empty((1,) * len(shape), dtype=state.dtype, device=stack.original.device).expand(shape)
+
+
+def nest_expert_lora_as_on_4bit(model) -> int:
+    """Make peft nest LoRA on a full-precision model's fused experts the way it does on 4-bit ones;
+    returns how many experts modules were reordered.
+
+    Two target parameters of one module get two nested ParamWrappers, and the nesting names the
+    adapter's keys (`experts.base_layer.lora_A` is the inner wrapper's). peft nests plain parameters
+    in registration order (gate_up_proj inside) but parametrized ones, as NF4 experts are, in sorted
+    name order (down_proj inside), so an adapter trained on NF4 experts fails to load on the
+    full-precision base ("size mismatch for ...experts.base_layer.lora_A"). Listing the plain
+    parameters in sorted order too gives the 4-bit nesting. Call it before peft wraps the model."""
+    count = 0
+    for name, module in model.named_modules():
+        if not name.endswith("experts"):
+            continue
+        fused = sorted(p for p, value in module._parameters.items() if value is not None and value.ndim == 3)
+        if len(fused) > 1:
+            for p in fused:  # re-inserted in sorted order, after any other parameter
+                module._parameters[p] = module._parameters.pop(p)
+            count += 1
+    return count
