@@ -1,6 +1,6 @@
 """Data-preparation throughput on real data, side by side with a naive `datasets.map` baseline.
 
-    python bench/prepare_throughput.py [--data ../shared/data] [--runs 3]
+    python bench/prepare_throughput.py [--data ../shared/data] [--runs 3] [--tokenizer tiny|qwen3]
 
 Builds a throwaway project whose stages read every set in `--data` through the presets, ingests
 them, trains the tokenizer the way `base` does (BPE on the embedding corpus; no model), then times:
@@ -14,7 +14,13 @@ them, trains the tokenizer the way `base` does (BPE on the embedding corpus; no 
 
 Throughput is input tokens per second: the tokens the baseline produces, divided by each side's
 time, so dropping records never makes stagewise look faster. Prints one JSON object and writes it
-to bench/results/prepare_throughput.json. Also reports packing efficiency on GSM8K at 1024.
+to bench/results/prepare_throughput.json (`_qwen3.json` with `--tokenizer qwen3`). Also reports
+packing efficiency on GSM8K at 1024.
+
+`--tokenizer qwen3` uses Qwen3's real tokenizer and chat template (tasks/tools/qwen3_tokenizer.py)
+instead of the tiny BPE, and then also runs `prepare` once per multi-turn policy that applies to
+the template (`prepare.multi_turn`), reporting per stage the share of ingested records that reach
+the prepared splits and the rows they make.
 """
 
 from __future__ import annotations
@@ -66,16 +72,43 @@ def bench_params(data: Path):
     return parse_params(raw)
 
 
-def build_tokenizer(params) -> None:
-    """What `base` does for the tiny model, minus pretraining: BPE trained on the embedding corpus."""
+def build_tokenizer(params, which: str) -> None:
+    """What `base` does for the tiny model, minus pretraining: BPE trained on the embedding corpus;
+    or Qwen3's real tokenizer and template, as a user pointing at Qwen3 gets them."""
     from tasks.core import paths
     from tasks.core.modeling import BaseInfo, train_tokenizer
     from tasks.core.records import read_jsonl
 
-    texts = [r["text"] for r in read_jsonl(paths.raw_file("embedding"))]
-    tok = train_tokenizer(texts, params.model.tiny.vocab_size)
+    if which == "qwen3":
+        from tasks.tools.qwen3_tokenizer import build_qwen3_tokenizer
+
+        tok = build_qwen3_tokenizer()
+    else:
+        texts = [r["text"] for r in read_jsonl(paths.raw_file("embedding"))]
+        tok = train_tokenizer(texts, params.model.tiny.vocab_size)
     tok.save_pretrained("tok")
-    BaseInfo(kind="tiny", name_or_path=str(Path("tok").resolve())).save(paths.BASE_DIR)
+    kind = "external" if which == "qwen3" else "tiny"
+    BaseInfo(kind=kind, name_or_path=str(Path("tok").resolve())).save(paths.BASE_DIR)
+
+
+def records_kept(params, ingested) -> dict[str, dict[str, float]]:
+    """Per stage: the share of ingested records with at least one prepared row, and rows per record."""
+    import pyarrow.parquet as pq
+
+    from tasks.core import paths
+
+    out = {}
+    for result in ingested:
+        if params.stages[result.stage].kind != "sft":
+            continue  # raw text has no turns
+        own = []
+        for split in ("train", "eval"):
+            table = pq.read_table(paths.prepared_file(result.stage, split), columns=["content_hash", "source_stage"]).to_pydict()
+            own += [h.split("~")[0] for h, s in zip(table["content_hash"], table["source_stage"]) if s == result.stage]
+        records = {h.split("#")[0] for h in own}
+        out[result.stage] = {"records": result.records, "records_kept_share": round(len(records) / max(result.records, 1), 4),
+                             "rows": len(set(own))}
+    return out
 
 
 def baseline(params, tokenizer, num_proc: int | None) -> tuple[float, int]:
@@ -111,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=PROJECT.parent / "shared" / "data")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tokenizer", choices=["tiny", "qwen3"], default="tiny")
     args = parser.parse_args()
     data = args.data.resolve()
 
@@ -124,7 +158,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ingested = ingest_all(params)
         ingest_s = time.perf_counter() - t0
-        build_tokenizer(params)
+        build_tokenizer(params, args.tokenizer)
         tokenizer = load_tokenizer(BaseInfo.load())
         ours, base1, base2 = [], [], []
         for _ in range(args.runs):
@@ -140,6 +174,11 @@ def main() -> None:
             os.environ["TOKENIZERS_PARALLELISM"] = "true"
             base2.append(baseline(params, tokenizer, 2)[0])
         report = json.loads(Path("metrics/data.json").read_text())
+        policies = {}
+        if args.tokenizer == "qwen3":
+            for policy in ("per_turn", "last_turn"):
+                prepare_all(params.model_copy(update={"prepare": params.prepare.model_copy(update={"multi_turn": policy})}))
+                policies[policy] = records_kept(params, ingested)
     ours_s, b1, b2 = statistics.median(ours), statistics.median(base1), statistics.median(base2)
     result = {
         "machine": f"{os.cpu_count()} cores",
@@ -156,8 +195,11 @@ def main() -> None:
         "gsm8k_packing_efficiency_at_1024": report["thinking"]["packing"]["efficiency"],
         "dropped_or_changed": {stage: r["prepare"] for stage, r in report.items()},
         "runs": args.runs,
-    }
-    out = PROJECT / "bench" / "results" / "prepare_throughput.json"
+        "tokenizer": args.tokenizer,
+        "multi_turn_used": {stage: r.get("multi_turn") for stage, r in report.items()},
+    } | ({"multi_turn_policies": policies} if policies else {})
+    suffix = "_qwen3" if args.tokenizer == "qwen3" else ""
+    out = PROJECT / "bench" / "results" / f"prepare_throughput{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
