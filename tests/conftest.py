@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,32 @@ def unit_tokenizer():
     from tasks.core.modeling import train_tokenizer
 
     return train_tokenizer(UNIT_CORPUS, vocab_size=300)
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """The Hugging Face hub switched off, as on a machine with no network: nothing may be fetched."""
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+@pytest.fixture(scope="module")
+def offline():
+    with hub_offline():
+        yield
+
+
+@pytest.fixture(scope="session")
+def standin_folder(tmp_path_factory) -> Path:
+    """A Qwen3-shaped stand-in (`python -m tasks.tools.standin`), built once per session (~10 s) and
+    only read by the tests that use it."""
+    from tasks.tools import standin
+
+    out = tmp_path_factory.mktemp("standin") / "qwen3-standin"
+    with hub_offline(), contextlib.redirect_stdout(io.StringIO()):
+        assert standin.main([str(out)]) == 0
+    return out

@@ -10,40 +10,18 @@ stage's own CLI, `tasks.base.main`, in a temp folder, as DVC would.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tasks import base as base_step
-from tasks.tools import standin
 
 PROJECT = Path(__file__).resolve().parents[1]
 SFT_STAGES = "syntax, thinking, instructions"  # the sft stages of the project's params.yaml
 BIG_FILES = {"model.safetensors", "tokenizer.json"}
-
-
-@pytest.fixture(scope="module")
-def offline():
-    import huggingface_hub.constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
-
-
-@pytest.fixture(scope="module")
-def standin_folder(tmp_path_factory, offline) -> Path:
-    out = tmp_path_factory.mktemp("standin") / "qwen3-standin"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert standin.main([str(out)]) == 0
-    return out
 
 
 def model_copy(source: Path, target: Path, drop: tuple[str, ...] = ()) -> Path:

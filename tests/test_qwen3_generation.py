@@ -12,8 +12,6 @@ what is tested is where generation stops, not what a random model says.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -22,30 +20,11 @@ import torch
 
 from tasks.core.config import EvaluateConfig, load_params
 from tasks.evaluation import scoring
-from tasks.tools import standin
 
 PROJECT = Path(__file__).resolve().parents[1]
 END_OF_TEXT, IM_END = 151643, 151645  # Qwen3's ids
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 USER = {"role": "user", "content": "Book a table for two in Oslo."}
-
-
-@pytest.fixture(scope="module")
-def offline():
-    import huggingface_hub.constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
-
-
-@pytest.fixture(scope="module")
-def standin_folder(tmp_path_factory, offline) -> Path:
-    out = tmp_path_factory.mktemp("standin") / "qwen3-standin"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert standin.main([str(out)]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,6 @@ CHANGED = {"hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size"
 
 
 @pytest.fixture(scope="module")
-def offline():
-    import huggingface_hub.constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory, offline):
     """Written once by the command's own `main` (in this process: torch is imported once)."""
     out = tmp_path_factory.mktemp("standin") / "qwen3-standin"
