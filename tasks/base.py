@@ -95,12 +95,11 @@ def pretraining_texts(corpus_stage: str, clean: CleanConfig, eval_fraction: floa
     """The corpus stage's texts, cleaned as `prepare` cleans them, that `prepare` will put in the
     train split (decided on the cleaned content, as `prepare` decides it): its eval split must stay
     unseen by the base, or the base's eval perplexity is measured on training data."""
-    from tasks.data.split import split_of_content
-
     from tasks.data.clean import final_content
+    from tasks.data.split import split_of_cleaned
 
     kept = [final_content({"text": rec["text"]}, clean)[0] for rec in read_jsonl(paths.raw_file(corpus_stage))]
-    return [record["text"] for record in kept if split_of_content(record, clean, eval_fraction) == "train"]
+    return [record["text"] for record in kept if split_of_cleaned(record, eval_fraction) == "train"]
 
 
 def corpus_stage(stages: dict[str, StageSpec]) -> str:

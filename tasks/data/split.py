@@ -14,7 +14,11 @@ from tasks.core.records import content_hash, split_of
 from tasks.data.clean import final_content
 
 
+def split_of_cleaned(cleaned: dict, eval_fraction: float) -> Literal["train", "eval"]:
+    """The split of a record already cleaned by `final_content` (as `prepare` splits it)."""
+    return split_of(content_hash(cleaned), eval_fraction)  # type: ignore[return-value]
+
+
 def split_of_content(content: dict, clean: CleanConfig, eval_fraction: float) -> Literal["train", "eval"]:
     """The split `prepare` puts this raw record's cleaned content in."""
-    cleaned, _ = final_content(content, clean)
-    return split_of(content_hash(cleaned), eval_fraction)  # type: ignore[return-value]
+    return split_of_cleaned(final_content(content, clean)[0], eval_fraction)
