@@ -34,6 +34,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Built on first access by __getattr__ below; `from flows.pipeline import pipeline` and the
 # deployment entrypoint `flows/pipeline.py:pipeline` get the real Prefect objects.
 PREFECT_OBJECTS = ("pipeline", "run_dvc_stage", "run_stage_on_pool", "publish")
+DEPLOYMENT_POLL_SECONDS = 1  # how often a stage dispatched to a pool is checked on
 
 
 def __getattr__(name: str) -> Any:
@@ -80,7 +81,10 @@ def _flow_and_tasks() -> SimpleNamespace:
         parameters = {"stage": name, "params_yaml": (root / "params.yaml").read_text(),
                       "git_commit": dvc_stages.shared_commit(root)}
         logger.info("%s: dispatched to deployment %s", name, deployment)
-        child = run_deployment(name=deployment, parameters=parameters, timeout=None, as_subflow=True)
+        # Poll each second (Prefect's default is 5 s): a stage's end reaches the parent at once, and one
+        # read a second per running stage is nothing for the API.
+        child = run_deployment(name=deployment, parameters=parameters, timeout=None, as_subflow=True,
+                               poll_interval=DEPLOYMENT_POLL_SECONDS)
         if not child.state or not child.state.is_completed():
             state = child.state.name if child.state else "unknown"
             raise dvc_stages.StageFailed(f"stage {name} failed on deployment {deployment} (flow run {child.name}: "

@@ -1,4 +1,7 @@
-"""Shared unit-test fixtures: a tiny byte-level BPE tokenizer trained in about a second."""
+"""Shared fixtures: a tiny byte-level BPE tokenizer trained in about a second, the Qwen3-shaped
+stand-in, and one pipeline run for the end-to-end tests that read it. Under `pytest -n` (the
+Makefile's default, with `--dist loadfile`) each test module runs whole on one worker, so its
+module-scoped workspace is built once."""
 
 from __future__ import annotations
 
@@ -7,6 +10,13 @@ import io
 from pathlib import Path
 
 import pytest
+
+from tests.pipeline_run import PipelineRun, session_temp, shared_pipeline_run
+
+# The longest test modules, longest first (measured with --durations; minutes each on 2 cores):
+# started first, so `pytest -n` does not end with one worker on a long module while the others idle.
+LONGEST_FIRST = ("test_stack_e2e", "test_pipeline_e2e", "test_standin_e2e", "test_validation_gate_e2e", "test_serve",
+                 "test_resume")
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +65,23 @@ def standin_folder(tmp_path_factory) -> Path:
     with hub_offline(), contextlib.redirect_stdout(io.StringIO()):
         assert standin.main([str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> PipelineRun:
+    """The flow run once for the session, across `pytest -n` workers too (~3 min on 2 cores); copy
+    its workspace, never change it."""
+    return shared_pipeline_run(session_temp(tmp_path_factory))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first, the longest known ones at the head (`--no-loadscope-reorder`
+    keeps this order under `--dist loadfile`), so the short tests fill in at the end instead of a
+    long module starting last. A module's tests stay together and in their order."""
+    slow = {item.path.stem for item in items if any(item.iter_markers("slow"))}
+
+    def rank(item) -> tuple[int, int]:
+        name = item.path.stem
+        return (0, LONGEST_FIRST.index(name)) if name in LONGEST_FIRST else (1 if name in slow else 2, 0)
+
+    items.sort(key=rank)

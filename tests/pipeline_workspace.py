@@ -123,11 +123,9 @@ def project_files(project: Path = PROJECT) -> list[str]:
     return [f for f in listed if (project / f).is_file() and not written_by_a_run(f)]
 
 
-def make_workspace(root: Path, params: dict[str, Any], project: Path = PROJECT) -> Workspace:
-    for rel in project_files(project):
-        target = root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(project / rel, target)
+def workspace_env(root: Path) -> dict[str, str]:
+    """The environment commands run in, in a workspace at `root`: its own Prefect home and MLflow
+    store, git identity, no progress bars."""
     env = dict(os.environ)
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -142,6 +140,15 @@ def make_workspace(root: Path, params: dict[str, Any], project: Path = PROJECT) 
         TQDM_DISABLE="1",
     )
     env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def make_workspace(root: Path, params: dict[str, Any], project: Path = PROJECT) -> Workspace:
+    for rel in project_files(project):
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project / rel, target)
+    env = workspace_env(root)
     ws = Workspace(root, env)
     ws.write_params(params)
     ws.run("git", "init", "-q")

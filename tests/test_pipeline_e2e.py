@@ -1,31 +1,27 @@
 """End to end: the Prefect flow and `dvc repro` run the same DAG on the embedded default.
 
-The flow runs once for the module, in a template workspace (a temp git repo copied
-from the project, small params); each test then works in its own copy of that workspace (git,
-DVC cache, MLflow and Prefect stores included: tests/pipeline_workspace.py::copy_workspace), so a
-test that changes its workspace changes nothing another test sees, and each passes run alone.
-Checked: the flow runs everything, `dvc repro` then finds nothing to do, the MLflow store holds
-the runs and the registered version, training beat the base, a changed training param re-runs
-exactly that stage and what follows it, and the comparison report reads several runs.
-
-The template's promotion gate is set to pass (thresholds every model meets, a tolerance no score
-in [0, 1] exceeds), so which aliases each version gets is known in advance; the gate's decisions
-themselves are tested in tests/test_register.py.
+The flow runs once for the session (tests/pipeline_run.py, conftest's `pipeline_run`), in a
+temp git repo copied from the project with small params; each test then works in its own copy of
+that workspace (git, DVC cache, MLflow and Prefect stores included:
+tests/pipeline_workspace.py::copy_workspace), so a test that changes its workspace changes nothing
+another test sees, and each passes run alone. Checked: the flow runs everything, `dvc repro` then
+finds nothing to do, the MLflow store holds the runs and the registered version, training beat the
+base, a changed training param re-runs exactly that stage and what follows it, and the comparison
+report reads several runs.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.pipeline_workspace import PROJECT, Workspace, copy_workspace, make_workspace, small_params
+from tests.pipeline_run import flow_ran
+from tests.pipeline_workspace import Workspace, copy_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +29,6 @@ STAGES = ["embedding", "syntax", "thinking", "instructions"]
 # The flow's order (flows/dvc_stages.py::stage_order); export and evaluate do not depend on each other.
 ALL_DVC_STAGES = ["ingest", "base", "prepare", "validate", *[f"train@{s}" for s in STAGES], "export", "evaluate", "register"]
 MODEL = "stagewise-assistant"
-GATE_ALWAYS_PASSES = {"thresholds": {"syntax_json_valid": 0.0, "thinking_exact_match": 0.0}, "champion_tolerance": 1.0}
 
 
 def train_key(stage: str, field: str) -> str:
@@ -53,36 +48,14 @@ def ran_stages(dvc_output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", dvc_output)
 
 
-def flow_ran(flow_output: str) -> list[str]:
-    match = re.search(r"pipeline: \d+ stage\(s\) ran \(([^)]*)\)", flow_output)
-    assert match, f"no summary line in flow output:\n{flow_output[-3000:]}"
-    return [] if match.group(1) == "none" else match.group(1).split(", ")
-
-
-@dataclass(frozen=True)
-class PipelineRun:
-    """A workspace the flow ran in, once, and what it printed. Tests never use it directly."""
-
-    workspace: Workspace
-    flow: subprocess.CompletedProcess
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> PipelineRun:
-    params = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
-    params["register"].update(GATE_ALWAYS_PASSES)
-    ws = make_workspace(tmp_path_factory.mktemp("pipeline-template"), params)
-    return PipelineRun(ws, ws.flow())
-
-
 @pytest.fixture
-def workspace(template, tmp_path) -> Workspace:
+def workspace(pipeline_run, tmp_path) -> Workspace:
     """This test's own copy of the workspace the flow ran in."""
-    return copy_workspace(template.workspace, tmp_path / "ws")
+    return copy_workspace(pipeline_run.workspace, tmp_path / "ws")
 
 
-def test_flow_runs_every_stage_in_dag_order(template, workspace):
-    assert flow_ran(template.flow.stdout) == ALL_DVC_STAGES
+def test_flow_runs_every_stage_in_dag_order(pipeline_run, workspace):
+    assert flow_ran(pipeline_run.flow.stdout) == ALL_DVC_STAGES
     for stage in STAGES:
         assert (workspace.root / "models" / stage / "adapter_model.safetensors").exists()
         assert not list((workspace.root / "models" / stage).glob("*.bin"))

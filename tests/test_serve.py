@@ -1,21 +1,19 @@
-"""End to end: `dvc repro` runs the whole DAG (export included) in a throwaway workspace, then
-`python -m tasks.serve` answers prompts with the registered version from the registry alone, and
-its replies equal the working tree's adapter chain's (greedy).
-
-One workspace for the module (about 3 minutes on 2 cores): small params, MLflow on sqlite in it.
-"""
+"""End to end: on a workspace the flow ran the whole DAG in (export included: the session's
+`pipeline_run`, copied once for this module), `python -m tasks.serve` answers prompts with the
+registered version from the registry alone, and its replies equal the working tree's adapter
+chain's (greedy)."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.pipeline_workspace import PROJECT, Workspace, make_workspace, small_params
+from tests.pipeline_run import PipelineRun, flow_ran
+from tests.pipeline_workspace import Workspace, copy_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +32,12 @@ model = load_stage_model(info, load_params().final_stage)
 print(json.dumps(answer(model, load_tokenizer(info), json.loads(sys.argv[1]), int(sys.argv[2]))))
 """
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Workspace:
-    from mlflow import MlflowClient
-
-    params = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
-    params["register"].update(thresholds={}, champion_tolerance=1.0)  # the gate passes: serving is under test
-    ws = make_workspace(tmp_path_factory.mktemp("serve"), params)
-    ws.repro = ws.dvc("repro")  # type: ignore[attr-defined]
+def pipeline(pipeline_run: PipelineRun, tmp_path_factory) -> Workspace:
+    ws = copy_workspace(pipeline_run.workspace, tmp_path_factory.mktemp("serve") / "ws")
+    ws.ran = flow_ran(pipeline_run.flow.stdout)  # type: ignore[attr-defined]
     registration = json.loads((ws.root / "reports" / "registration.json").read_text())
     assert registration["gate_passed"], registration
-    client = MlflowClient(tracking_uri=ws.env["MLFLOW_TRACKING_URI"])
+    client = ws.mlflow_client()
     version = client.get_model_version(NAME, registration["version"])
     ws.bundle_from_register = bool(client.list_artifacts(version.run_id, "base"))  # type: ignore[attr-defined]
     return ws
@@ -59,7 +53,7 @@ def serve(ws: Workspace, *args: str, stdin: str | None = None) -> subprocess.Com
 def test_export_runs_before_register_and_passes_parity(pipeline):
     from safetensors import safe_open
 
-    ran = re.findall(r"Running stage '([^']+)'", pipeline.repro.stdout)
+    ran = pipeline.ran
     assert "export" in ran and ran.index("export") < ran.index("register")
     metrics = json.loads((pipeline.root / "metrics" / "export.json").read_text())
     assert metrics["passed"] is True and 0 < metrics["kl_mean"] <= metrics["threshold"] == 0.01, metrics

@@ -100,7 +100,10 @@ def stand_in_worker(state: StackState, pool: str, workspace: Path) -> Managed:
     """services.start_worker without a Prefect server: a process that runs until stopped, returned
     after a pause, as the real one returns once the worker is online. Its PID goes to `started`,
     so the test can tell (and clean up) a worker the state lost."""
-    proc = start(f"worker-{pool}", ["sleep", "300"], dict(os.environ), state.home / "logs", cwd=workspace)
+    # SIGINT back to its default: a process inherits an ignored SIGINT (as this test process may
+    # have, after other tests), and `down` would then wait out its grace period for each stand-in.
+    command = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_DFL); time.sleep(300)"]
+    proc = start(f"worker-{pool}", command, dict(os.environ), state.home / "logs", cwd=workspace)
     with (state.home / "started").open("a") as started:
         started.write(f"{proc.pid}\n")
     time.sleep(0.02)

@@ -19,6 +19,9 @@ from infra.stack.processes import Managed, StackError, answers, start, stopped_u
 from infra.stack.settings import HOST, StackState, credentials
 
 BIN = Path(sys.executable).parent
+# How often a worker asks for runs (Prefect: 10 s); on loopback a poll costs nothing and each
+# stage dispatched to a pool waits for one. PREFECT_WORKER_QUERY_SECONDS in the environment wins.
+WORKER_QUERY_SECONDS = "2"
 
 
 def _tool(name: str) -> str:
@@ -130,6 +133,9 @@ def start_worker(state: StackState, pool: str, workspace: Path) -> Managed:
     name = f"worker-{pool}"
     env = prefect_env(state) | {"TQDM_DISABLE": "1",
                                 "PREFECT_HOME": str(state.home / name),
+                                # a run waits for the worker's next poll: 10 s by default, each stage
+                                "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS",
+                                                                               WORKER_QUERY_SECONDS),
                                 "STAGEWISE_TRAIN_DEPLOYMENT": "stagewise-train-stage/train-stage"}
     cmd = [_tool("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
     proc = start(name, cmd, env, state.home / "logs", cwd=workspace)
