@@ -53,6 +53,9 @@ from tasks.core.records import (
     write_json,
     write_jsonl,
 )
+from tasks.data.clean import PII_REASONS
+from tasks.data.control_tokens import CONTROL_TOKEN, ControlTokens
+from tasks.data.control_tokens import describe as describe_control
 from tasks.data.errors import Reject
 from tasks.data.rows import ROW_LISTS, Record, Rows, concat_arrays, packed_schema, packed_table, prepared_schema, write_table  # noqa: F401 - re-exported
 from tasks.data.tokenize_pool import EncodedRecords, Encoder, Located, StageFirstPool, encode_records
@@ -92,8 +95,10 @@ class PreparedStage:
 # --- clean, dedupe, split -----------------------------------------------------------------------
 
 
-def clean_records(stage: str, spec: StageSpec, raw: list[dict], cfg: PrepareConfig) -> tuple[StageData, list[Record]]:
-    """Every record cleaned (changes logged) and hashed, in input order, before dedupe."""
+def clean_records(stage: str, spec: StageSpec, raw: list[dict], cfg: PrepareConfig,
+                  control: ControlTokens | None = None) -> tuple[StageData, list[Record]]:
+    """Every record cleaned (changes logged) and hashed, in input order, before dedupe; one holding
+    the text of one of `control`'s special tokens is rejected or stripped (`prepare.control_tokens`)."""
     from tasks.data.clean import final_content, record_text
 
     data = StageData(stage, spec)
@@ -103,7 +108,14 @@ def clean_records(stage: str, spec: StageSpec, raw: list[dict], cfg: PrepareConf
         record = Record({k: v for k, v in obj.items() if k != "origin"}, origin)
         cleaned, reasons = final_content(record.content, cfg.clean)
         if cleaned != record.content:
-            data.reject(record, ",".join(reasons), "cleaned; the record kept is in the training data", "changed")
+            scrubbed = sorted(r for r in reasons if r in PII_REASONS)
+            if scrubbed:  # the original must not reach a file: the entry shows the scrubbed record
+                record.content = cleaned
+                detail = (f"scrubbed ({', '.join(scrubbed)}); the record below is the scrubbed one, as kept in the "
+                          f"training data; the original is at {record.uri} {record.where}")
+            else:
+                detail = "cleaned; the record below is the original, the cleaned one is in the training data"
+            data.reject(record, ",".join(reasons), detail, "changed")
             record.content = cleaned
         elif reasons:  # reported but left as is (e.g. U+FFFD: the original character is unknowable)
             data.counts.update(f"flagged.{r}" for r in reasons)
@@ -111,6 +123,15 @@ def clean_records(stage: str, spec: StageSpec, raw: list[dict], cfg: PrepareConf
         record.canonical = canonical_json(record.content)
         # = content_hash(record.content), the hash tasks/data/split.py decides the split by
         record.digest = hashlib.sha256(record.canonical.encode("utf-8")).hexdigest()
+        if control is not None and (hits := control.found(record.content)):
+            if cfg.control_tokens == "reject":
+                data.reject(record, CONTROL_TOKEN, describe_control(hits, "reject"))
+                continue
+            data.reject(record, CONTROL_TOKEN, describe_control(hits, "strip"), "changed")
+            # The digest stays the cleaned record's: `base` decided its split on that (split.py).
+            record.content = control.stripped(record.content)
+            record.canonical = canonical_json(record.content)
+            record.plain_text = record_text(record.content)  # type: ignore[misc]
         kept.append(record)
     return data, kept
 
@@ -384,9 +405,14 @@ def pack_rows(train: Rows, row_length: int):
     return packed_table(columns), stats
 
 
-def _ingest_rejects(stage: str) -> list[dict]:
+def _ingest_rejects(stage: str, scrub: bool) -> list[dict]:
+    """ingest's rejects for the stage, their records scrubbed of PII when `scrub` (prepare.clean.scrub_pii):
+    a record ingest could not read is still someone's text."""
+    from tasks.data.clean import scrub_value
+
     path = paths.raw_rejects(stage)
-    return [r | {"step": "ingest"} for r in read_jsonl(path)] if path.exists() else []
+    rejects = [r | {"step": "ingest"} for r in read_jsonl(path)] if path.exists() else []
+    return [r | {"record": scrub_value(r.get("record"))} for r in rejects] if scrub else rejects
 
 
 def _ingest_report(stage: str) -> dict:
@@ -439,10 +465,12 @@ def _cyclic_gc_paused() -> Iterator[None]:
 
 
 def clean_split_and_encode(raw_stages: list[tuple[str, StageSpec, list[dict]]], cfg: PrepareConfig, seed: int,
-                           encoder: Encoder) -> list[StageData]:
+                           encoder: Encoder,
+                           control: ControlTokens | None = None) -> list[StageData]:
     """Clean, dedupe, split and decontaminate every stage (what `clean_and_split` and
-    `decontaminate` do), handing each record to `encoder` as soon as nothing can drop it any more."""
-    cleaned = [clean_records(stage, spec, raw, cfg) for stage, spec, raw in raw_stages]
+    `decontaminate` do), handing each record to `encoder` as soon as nothing can drop it any more.
+    `control`: the tokenizer's special-token texts, screened for in content (`clean_records`)."""
+    cleaned = [clean_records(stage, spec, raw, cfg, control) for stage, spec, raw in raw_stages]
     benchmarks = benchmark_set_texts(cfg) if cfg.decontaminate.enabled else []
     screen = contamination_screen(cleaned, cfg, benchmarks)
     stages, suspects = [], []
@@ -470,7 +498,7 @@ def prepare_all(params: Params) -> list[PreparedStage]:
         with _cyclic_gc_paused():
             encoder = Encoder(tokenizer, tokenizing, params.prepare.multi_turn)
             raw = [(stage, spec, read_jsonl(paths.raw_file(stage))) for stage, spec in params.stages.items()]
-            stages = clean_split_and_encode(raw, params.prepare, params.seed, encoder)
+            stages = clean_split_and_encode(raw, params.prepare, params.seed, encoder, ControlTokens.of(tokenizer))
             log.info("prepare: cleaned, deduplicated, split and decontaminated %d stages in %.1f s",
                      len(stages), time.perf_counter() - started)
             results = finish_stages(stages, encoder, writing, params.prepare, params.seed)
@@ -509,7 +537,7 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
             packing = stats.to_json()
         writes.append(writing.submit(write_table, train.table(prepared_schema()), paths.prepared_file(data.stage, "train")))
         writes.append(writing.submit(write_table, eval_rows.table(prepared_schema()), paths.prepared_file(data.stage, "eval")))
-        rejects = _ingest_rejects(data.stage) + [r.to_json() | {"step": "prepare"} for r in data.rejects]
+        rejects = _ingest_rejects(data.stage, cfg.clean.scrub_pii) + [r.to_json() | {"step": "prepare"} for r in data.rejects]
         write_jsonl(paths.prepared_rejects(data.stage), rejects)
         report[data.stage] = stage_report(data, train, eval_rows, len(replayed), packing, encoded.multi_turn)
         log.info("prepare: %s: %d rows encoded in %.1f s, mixed and packed in %.1f s (Parquet written in the background)",

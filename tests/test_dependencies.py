@@ -62,6 +62,7 @@ PARAM_CHANGES: dict[str, tuple[Any, set[str]]] = {
     "train.gradient_checkpointing": (True, {"register"}),  # same results by design: nothing re-trains
     "prepare.clean.scrub_pii": (True, {"base", "prepare", "register"}),
     "prepare.eval_fraction": (0.2, {"base", "prepare", "register"}),
+    "prepare.control_tokens": ("strip", {"prepare", "register"}),
     "prepare.max_length": (128, TRAIN_STAGES | {"prepare", "register"}),
     "validate.min_records": (4, {"validate", "register"}),
     "evaluate.max_new_tokens": (10, {"evaluate", "register"}),

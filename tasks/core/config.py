@@ -173,6 +173,9 @@ class PrepareConfig(Strict):
     # a chat is `drop`ped to the rejects or `truncate`d (its tail, with the last reply, is lost).
     pretrain_overflow: Literal["split", "truncate", "drop"] = "split"
     chat_overflow: Literal["drop", "truncate"] = "drop"
+    # Content holding a special token's text (<|im_start|>, <|endoftext|>...): `reject` the record, or
+    # `strip` the text (tasks/data/control_tokens.py). Tokenized as is, it would forge control tokens.
+    control_tokens: Literal["reject", "strip"] = "reject"
     # How a conversation becomes rows. single_render: one row, every reply trained (needs a
     # prefix-consistent template); per_turn: a row per reply, each as the template renders the
     # conversation when that reply is generated (templates that rewrite history, like Qwen3's);

@@ -20,6 +20,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from tasks.core.config import CleanConfig
 
@@ -31,6 +32,7 @@ PII_EMAIL = "pii_email"
 PII_SECRET = "pii_secret"
 PII_IP = "pii_ip"
 PII_PHONE = "pii_phone"
+PII_REASONS = frozenset({PII_EMAIL, PII_SECRET, PII_IP, PII_PHONE})
 
 _NEWLINES = re.compile(r"\r\n?")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # category Cc except \t and \n (\r is handled first)
@@ -175,6 +177,17 @@ def scrub_pii(text: str) -> tuple[str, list[str]]:
         if hit:
             reasons.append(PII_PHONE)
     return text, reasons
+
+
+def scrub_value(value: Any) -> Any:
+    """`scrub_pii` on every string in a JSON-like value (a rejected record of any shape)."""
+    if isinstance(value, str):
+        return scrub_pii(value)[0]
+    if isinstance(value, dict):
+        return {k: scrub_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_value(v) for v in value]
+    return value
 
 
 def clean_text(text: str, cfg: CleanConfig) -> tuple[str, list[str]]:
