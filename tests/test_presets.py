@@ -404,6 +404,10 @@ class TestGsm8k:
             ({"question": "q?", "answer": "4\n####  "}, "no_final_answer", "field 'answer' has no final '#### N' line"),
             ({"question": "q?"}, "missing_field", "field 'answer' is missing (found fields: question)"),
             ({"question": "", "answer": "#### 4"}, "empty_text", "field 'question' is empty"),
+            ({"question": "q?", "answer": "Three and four.\n#### seven"}, "non_numeric_answer",
+             "the final answer 'seven' after '####' is not a number"),
+            ({"question": "q?", "answer": "2*3 is <<2*3=6 six.\n#### 6"}, "unbalanced_calculator_note",
+             "an unbalanced calculator note ('<<...>>') in field 'answer', near '2*3 is <<2*3=6 six.'"),
         ],
     )
     def test_bad_rows_are_rejects(self, value, reason, detail):

@@ -22,6 +22,8 @@ class Gsm8kOptions(PresetOptions):
 
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+# What `#### N` may hold: GSM8K's answers are numbers (an integer, a decimal, a fraction).
+_NUMBER = re.compile(r"-?\$?\d+(?:\.\d+)?(?:/\d+)?%?")
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
@@ -49,6 +51,17 @@ class Gsm8kPreset(Preset):
         if not question.strip():
             yield self._reject(item, item.where, "empty_text", f"field {f['question']!r} is empty", item.value)
             return
+        if not _NUMBER.fullmatch(final):
+            detail = (f"the final answer {final[:60]!r} after '####' is not a number; the preset promises "
+                      "'The answer is N.' with N a number: fix the record, or map it with the `template` preset")
+            yield self._reject(item, item.where, "non_numeric_answer", detail, item.value)
+            return
         steps = _CALCULATOR_NOTE.sub("", steps).strip()
+        if "<<" in steps or ">>" in steps:
+            at = steps.find("<<") if "<<" in steps else steps.find(">>")
+            detail = (f"an unbalanced calculator note ('<<...>>') in field {f['answer']!r}, near "
+                      f"{steps[max(0, at - 20):at + 30]!r}: it would be left in the think block as is")
+            yield self._reject(item, item.where, "unbalanced_calculator_note", detail, item.value)
+            return
         reply = f"<think>\n{steps}\n</think>\n" + _fill_template(self.options.answer_template, "answer", final)
         yield item.where, _exchange(question, reply)
