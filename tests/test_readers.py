@@ -16,6 +16,7 @@ from tasks.data.sources import Input, resolve_inputs
 from tests.shared_data import SHARED_DATA
 
 BAD = Path(__file__).parent / "data" / "bad"
+EMPTY = "is empty (0 bytes): nothing to read; fill it, or take it out of the stage's sources"
 SNIPS_PLAY_MUSIC = SHARED_DATA / "snips_nlu" / "train_PlayMusic_full.json"
 PIZZA = "\U0001f355"
 PIZZA_CESU8 = b"\xed\xa0\xbc\xed\xbd\x95"  # U+1F355 as surrogates D83C DF55, 3 bytes each
@@ -425,6 +426,23 @@ class TestBadCorpus:
         assert outputs[2].where == "line 2"
         assert outputs[2].value == {"text": f"pizza {PIZZA}"}
 
+    def test_a_nul_byte_costs_its_line_not_the_file(self):
+        outputs = read_all(BAD / "nul_line.jsonl")
+        assert [o.value["text"] for o in items_of(outputs)] == ["one", "three"]
+        [reject] = rejects_of(outputs)
+        assert (reject.where, reject.reason) == ("line 2 byte 27", "nul_byte")
+        assert (BAD / "nul_line.jsonl").read_bytes()[27:28] == b"\x00"
+        assert "the file's other lines are read" in reject.detail
+
+    @pytest.mark.parametrize("name", ["gzipped.jsonl.gz", "zstd.jsonl.zst"])
+    def test_compressed_files_are_read_as_what_they_hold(self, name):
+        outputs = read_all(BAD / name)
+        assert [(o.where, o.value["text"]) for o in outputs] == [("line 1", "packed one"), ("line 2", "packed two")]
+
+    def test_a_gzip_file_under_a_plain_name_is_read_too(self, tmp_path):
+        plain = write(tmp_path / "data.jsonl", (BAD / "gzipped.jsonl.gz").read_bytes())
+        assert [o.value["text"] for o in read_all(plain)] == ["packed one", "packed two"]
+
     def test_lone_surrogate_line_is_dropped(self):
         outputs = read_all(BAD / "lone_surrogate.jsonl")
         assert [o.where for o in items_of(outputs)] == ["line 1"]
@@ -435,10 +453,14 @@ class TestBadCorpus:
     @pytest.mark.parametrize(
         ("name", "fmt", "message"),
         [
-            ("empty.jsonl", "auto", "empty.jsonl is empty"),
-            ("empty.jsonl", "json", "empty.jsonl is empty"),
-            ("empty.jsonl", "csv", "empty.jsonl is empty"),
-            ("empty.jsonl", "text", "empty.jsonl is empty"),
+            ("empty.jsonl", "auto", f"empty.jsonl {EMPTY}"),
+            ("empty.jsonl", "json", f"empty.jsonl {EMPTY}"),
+            ("empty.jsonl", "csv", f"empty.jsonl {EMPTY}"),
+            ("empty.jsonl", "text", f"empty.jsonl {EMPTY}"),
+            ("array.jsonl", "auto", "array.jsonl holds one JSON array of 2 element(s), not JSON Lines (one value per "
+             "line): set `format: json` on this source"),
+            ("damaged.jsonl.gz", "auto", "damaged.jsonl.gz is a damaged gzip file (Compressed file ended before the "
+             "end-of-stream marker was reached): download or compress it again"),
             ("whitespace.jsonl", "auto", "whitespace.jsonl holds only whitespace"),
             ("whitespace.jsonl", "json", "whitespace.jsonl holds only whitespace"),
             ("whitespace.jsonl", "csv", "whitespace.jsonl holds only whitespace"),

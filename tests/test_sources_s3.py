@@ -189,7 +189,7 @@ class TestMoto:
 
     def test_empty_object_is_a_source_error(self, s3):
         s3.put_object(Bucket=BUCKET, Key="empty.jsonl", Body=b"")
-        with pytest.raises(SourceError, match=f"^s3://{BUCKET}/empty.jsonl is empty$"):
+        with pytest.raises(SourceError, match=f"^s3://{BUCKET}/empty.jsonl is empty \\(0 bytes\\): nothing to read"):
             list(read_items(Input(f"s3://{BUCKET}/empty.jsonl", "jsonl")))
 
     def test_s3_endpoint_url_is_honoured(self, s3, moto_url, aws_env):

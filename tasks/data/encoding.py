@@ -57,6 +57,25 @@ def looks_binary(head: bytes) -> bool:
     return b"\x00" in head[:BINARY_SNIFF_BYTES]
 
 
+def mostly_binary(head: bytes) -> bool:
+    """For line-based text (JSON Lines): NUL bytes in the first 8 KiB, and either the rest is not
+    UTF-8 or a tenth of it is NULs. A stray NUL in a line of text costs that line (`readers`), not
+    the file."""
+    if wide_bom(head) is not None:
+        return False
+    window = head[:BINARY_SNIFF_BYTES]
+    nuls = window.count(b"\x00")
+    if not nuls:
+        return False
+    rest = window.replace(b"\x00", b"")
+    try:
+        rest.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(rest) - 3:  # not just a character cut at the window's end
+            return True
+    return nuls * 10 > len(window)
+
+
 def decode_bytes(
     data: bytes, source: str, where_prefix: str = "", *, offset: int = 0
 ) -> tuple[str, list[Reject]]:

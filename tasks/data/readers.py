@@ -33,6 +33,7 @@ from tasks.data.encoding import (
     EncodingFault,
     decode_bytes,
     looks_binary,
+    mostly_binary,
     wide_bom,
 )
 from tasks.data.errors import Reject, SourceError
@@ -62,12 +63,13 @@ def read_items(inp: Input) -> Parsed:
 # --- file-level checks ----------------------------------------------------------------------
 
 
-def _text_file_bytes(inp: Input) -> bytes:
-    """The bytes of a text-format input, refused if empty or binary."""
+def _text_file_bytes(inp: Input, lines: bool = False) -> bytes:
+    """The bytes of a text-format input, refused if empty or binary. `lines`: a format read line by
+    line, where a NUL byte in one line is that line's reject (`mostly_binary` decides the file)."""
     data = read_bytes(inp)
     if not data:
-        raise SourceError(f"{inp.uri} is empty")
-    if looks_binary(data[:BINARY_SNIFF_BYTES]):
+        raise SourceError(f"{inp.uri} is empty (0 bytes): nothing to read; fill it, or take it out of the stage's sources")
+    if (mostly_binary if lines else looks_binary)(data[:BINARY_SNIFF_BYTES]):
         raise SourceError(f"{inp.uri} looks binary (NUL bytes), not {inp.format}: is the path right?")
     return data
 
@@ -84,7 +86,7 @@ def _whole_text(inp: Input, data: bytes | None = None) -> tuple[str, list[Reject
 
 
 def _read_jsonl(inp: Input) -> Parsed:
-    data = _text_file_bytes(inp)
+    data = _text_file_bytes(inp, lines=True)
     if wide_bom(data) is not None:
         # UTF-16/32: a newline is not one byte, so decode the whole file, then split it.
         text, repairs = _whole_text(inp, data)
@@ -97,6 +99,7 @@ def _read_jsonl(inp: Input) -> Parsed:
     body = data[base:]
     if not body.strip():
         raise SourceError(f"{inp.uri} holds only whitespace")
+    _refuse_json_array(inp.uri, body)
     offset = base
     for number, raw in enumerate(body.split(b"\n"), start=1):
         if raw.strip():
@@ -104,8 +107,28 @@ def _read_jsonl(inp: Input) -> Parsed:
         offset += len(raw) + 1
 
 
+def _refuse_json_array(uri: str, body: bytes) -> None:
+    """A file holding one JSON array (pretty-printed or on one line) is JSON, not JSON Lines: say so,
+    rather than reject each line or each element for a missing field."""
+    if not body.lstrip().startswith(b"["):
+        return
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return  # not one array: the lines are read, and each bad one is a reject
+    if isinstance(value, list):
+        raise SourceError(f"{uri} holds one JSON array of {len(value)} element(s), not JSON Lines (one value per "
+                          "line): set `format: json` on this source")
+
+
 def _decode_jsonl_line(source: str, number: int, raw: bytes, offset: int) -> Parsed:
     """Decode one line on its own, so bad bytes cost that line and not the file."""
+    if b"\x00" in raw:
+        at = offset + raw.index(b"\x00")
+        yield Reject(source=source, where=f"line {number} byte {at}", reason="nul_byte",
+                     detail=f"line {number} holds a NUL byte at byte {at}: not text (a damaged or binary line); "
+                     "the file's other lines are read", record=raw)
+        return
     try:
         line, repairs = decode_bytes(raw, source, where_prefix=f"line {number} ", offset=offset)
     except EncodingFault as fault:

@@ -39,6 +39,10 @@ EXTENSION_FORMATS = {
     ".md": "text",
     "": "text",
 }
+# Compressed inputs: the suffix is dropped to tell the format ("x.jsonl.gz" is jsonl), and the
+# bytes are decompressed by their magic number, whatever the name.
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 GLOB_CHARS = "*?["
 # What `datasets.save_to_disk` writes: a Dataset folder, or a DatasetDict folder with one per split.
 HF_DATASET_MARKERS = ("dataset_info.json", "state.json")
@@ -100,6 +104,8 @@ def _format_of(uri: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     name = uri.rsplit("/", 1)[-1]
+    if name.lower().endswith(COMPRESSED_SUFFIXES):
+        name = os.path.splitext(name)[0]
     extension = os.path.splitext(name)[1].lower()
     if extension not in EXTENSION_FORMATS:
         known = ", ".join(sorted(e for e in EXTENSION_FORMATS if e))
@@ -190,7 +196,33 @@ def _list_s3_keys(client: BaseClient, bucket: str, prefix: str, uri: str) -> lis
 
 
 def read_bytes(inp: Input) -> bytes:
-    """The whole content of a local file or S3 object; `SourceError` with what to do if not."""
+    """The whole content of a local file or S3 object, decompressed if it is gzip or zstd;
+    `SourceError` with what to do if not."""
+    return decompressed(_raw_bytes(inp), inp.uri)
+
+
+def decompressed(data: bytes, uri: str) -> bytes:
+    """`data` itself, or what it holds when it starts with gzip's or zstd's magic number."""
+    if data.startswith(GZIP_MAGIC):
+        import gzip
+        import zlib
+
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise SourceError(f"{uri} is a damaged gzip file ({err}): download or compress it again") from None
+    if data.startswith(ZSTD_MAGIC):
+        import zstandard
+
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+                return reader.read()
+        except zstandard.ZstdError as err:
+            raise SourceError(f"{uri} is a damaged zstd file ({err}): download or compress it again") from None
+    return data
+
+
+def _raw_bytes(inp: Input) -> bytes:
     if inp.uri.startswith("s3://"):
         return _read_s3(inp.uri)
     try:
