@@ -159,6 +159,21 @@ class TestBadInputCorpus:
         assert "s3://bucket/data/*.jsonl" in result.stderr and "Traceback" not in result.stderr
         assert "s3cr3t-never-printed" not in result.stderr + result.stdout
 
+    def test_turn_order_and_cut_turns_are_on_record(self, raw_params, tmp_path, monkeypatch):
+        """Caught at ingest, with the file and line, not by validate failing the whole stage later."""
+        monkeypatch.chdir(tmp_path)
+        raw = with_sources(raw_params, "instructions", *({"path": str(BAD / n)} for n in ("turn_order.jsonl", "trailing_user.jsonl")),
+                           max_reject_share=1.0)
+        params = parse_params(raw)
+        ingest_stage("instructions", params.stages["instructions"], params.seed, params.data.max_reject_share)
+        rejects = read_jsonl(paths.raw_rejects("instructions"))
+        assert [(Path(r["source"]).name, r["where"], r["reason"], r["action"]) for r in rejects] == [
+            ("turn_order.jsonl", "line 2", "bad_turn_order", "dropped"),
+            ("trailing_user.jsonl", "line 1", "trailing_turns_cut", "changed")]
+        assert "messages[1].role" in rejects[0]["detail"]
+        kept = read_jsonl(paths.raw_file("instructions"))
+        assert [[m["role"] for m in r["messages"]] for r in kept] == [["user", "assistant"], ["user", "assistant"]]
+
     def test_record_level_problems_are_rejects_with_reasons(self, raw_params, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
         texts = ["malformed_line.jsonl", "missing_field.jsonl", "wrong_type.jsonl", "latin1.jsonl", "cesu8.jsonl"]

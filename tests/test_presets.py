@@ -198,8 +198,23 @@ class TestMessages:
             {"role": "user", "content": "Bye?"},
         ]
         records, rejects = mapped("messages", "sft", [{"messages": conv}, conv])  # a bare list is the turns
-        assert rejects == []
         assert records == [("[0]", chat("Hi", "Hello", system="Be brief.")), ("[1]", chat("Hi", "Hello", system="Be brief."))]
+        # the cut is on record, as a change: the record is kept without it
+        assert [(r.where, r.reason, r.action) for r in rejects] == [("[0]", "trailing_turns_cut", "changed"),
+                                                                    ("[1]", "trailing_turns_cut", "changed")]
+        assert rejects[0].detail.startswith("1 turn(s) after the last assistant reply cut (user)")
+
+    @pytest.mark.parametrize("roles, at, message", [
+        (["user", "user", "assistant"], 1, "'user' after 'user'"),
+        (["user", "assistant", "assistant"], 2, "'assistant' after 'assistant'"),
+        (["user", "system", "assistant"], 1, "'system' after 'user'"),
+        (["assistant", "user", "assistant"], 0, "'assistant' after 'the start'"),
+    ])
+    def test_turns_out_of_order_are_rejected_where_they_break(self, roles, at, message):
+        conv = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(roles)]
+        records, [reject] = mapped("messages", "sft", [{"messages": conv}])
+        assert records == [] and reject.reason == "bad_turn_order"
+        assert f"messages[{at}].role" in reject.detail and message in reject.detail
 
     def test_sharegpt_defaults_and_default_role_names(self):
         row = {"id": "x", "conversations": [
@@ -301,7 +316,9 @@ class TestOasst:
     def test_en100_trees_follow_the_best_ranked_path(self):
         items = list(jsonl_items("oasst_en100/en_100_tree.jsonl"))
         records, rejects = run(build_preset("oasst", "sft", {}, {}), items)
-        assert rejects == [] and len(records) == 100
+        assert len(records) == 100
+        # 39 best paths end in a prompter turn nobody answered: cut, and on record as a change
+        assert Counter((r.reason, r.action) for r in rejects) == {("trailing_turns_cut", "changed"): 39}
         assert Counter(len(r["messages"]) for _, r in records) == {2: 58, 4: 42}
         where, first = records[0]
         assert where == "line 1" and [m["role"] for m in first["messages"]] == ["user", "assistant"]
@@ -320,8 +337,8 @@ class TestOasst:
     @real_data
     def test_en100_drop_synthetic(self):
         records, rejects = run(build_preset("oasst", "sft", {}, {"drop_synthetic": True}), list(jsonl_items("oasst_en100/en_100_tree.jsonl")))
-        assert len(records) == 95 and Counter(r.reason for r in rejects) == {"synthetic": 5}
-        assert rejects[0].where == "line 1"
+        assert len(records) == 95 and Counter(r.reason for r in rejects) == {"synthetic": 5, "trailing_turns_cut": 39}
+        assert next(r for r in rejects if r.reason == "synthetic").where == "line 1"
 
     @staticmethod
     def node(text: str, who: str, *children: dict, **flags: Any) -> dict:

@@ -93,6 +93,7 @@ def check_record(rec: dict, kind: Literal["pretrain", "sft"], where: str) -> dic
         clean.append({"role": role, "content": content})
     if not any(m["role"] == "user" for m in clean):
         raise _fail(where, "messages", "no user message: a conversation needs at least one", "no_user_turn")
+    _check_turn_order(clean, where)
     last = len(clean) - 1
     if clean[last]["role"] != "assistant":
         raise _fail(
@@ -101,6 +102,22 @@ def check_record(rec: dict, kind: Literal["pretrain", "sft"], where: str) -> dic
             "no_assistant_turn",
         )
     return {"messages": clean}
+
+
+def _check_turn_order(messages: list[dict], where: str) -> None:
+    """An optional system message first, then user and assistant turns in turn (what `validate`
+    checks on every row): a break is a RecordError at the turn that breaks it, here, where the
+    file and line are known, not a failed stage later."""
+    expected = "user"
+    for i, m in enumerate(messages):
+        if i == 0 and m["role"] == "system":
+            continue
+        if m["role"] != expected:
+            previous = messages[i - 1]["role"] if i else "the start"
+            raise _fail(where, f"messages[{i}].role",
+                        f"{m['role']!r} after {previous!r}: turns must alternate user/assistant after an optional "
+                        "first system message; merge the consecutive turns, or drop the record", "bad_turn_order")
+        expected = "assistant" if expected == "user" else "user"
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:

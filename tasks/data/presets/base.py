@@ -82,20 +82,26 @@ def _exchange(user: str, assistant: str) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
-def _finish_chat(item: Item, where: str, messages: list[dict], raw: Any) -> Output:
-    """Cut after the last assistant turn (nothing to learn after it) and name what makes a chat unusable."""
+def _finish_chat(item: Item, where: str, messages: list[dict], raw: Any) -> list[Output]:
+    """Cut after the last assistant turn (nothing to learn after it: the cut is a `changed` reject,
+    so it is on record) and name what makes a chat unusable."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     if last < 0:
         detail = "the conversation has no assistant reply to train on"
-        return Reject(item.source, where, "no_assistant_turn", detail, raw)
+        return [Reject(item.source, where, "no_assistant_turn", detail, raw)]
+    cut = messages[last + 1 :]
     messages = messages[: last + 1]
     if not any(m["role"] == "user" for m in messages):
         detail = "the conversation has no user turn before its last assistant reply"
-        return Reject(item.source, where, "no_user_turn", detail, raw)
+        return [Reject(item.source, where, "no_user_turn", detail, raw)]
     for i, m in enumerate(messages):
         if m["role"] != "system" and not m["content"].strip():
-            return Reject(item.source, where, "empty_text", f"turn {i} ({m['role']}) has empty content", raw)
-    return where, {"messages": messages}
+            return [Reject(item.source, where, "empty_text", f"turn {i} ({m['role']}) has empty content", raw)]
+    if not cut:
+        return [(where, {"messages": messages})]
+    detail = (f"{len(cut)} turn(s) after the last assistant reply cut ({', '.join(m['role'] for m in cut)}): "
+              "no reply follows them to train on; the rest of the conversation is kept")
+    return [Reject(item.source, where, "trailing_turns_cut", detail, raw, "changed"), (where, {"messages": messages})]
 
 
 # --- the base class -----------------------------------------------------------------------------

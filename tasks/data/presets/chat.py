@@ -81,7 +81,7 @@ class MessagesPreset(Preset):
                 )
                 return
             messages.append({"role": mapped, "content": content})
-        yield _finish_chat(item, item.where, messages, item.value)
+        yield from _finish_chat(item, item.where, messages, item.value)
 
 
 class ShareGPTPreset(MessagesPreset):
@@ -136,7 +136,7 @@ class OasstPreset(Preset):
             if isinstance(node, _Miss):
                 yield node.reject(item, item.where, item.value)
                 return
-        yield _finish_chat(item, item.where, messages, item.value)
+        yield from _finish_chat(item, item.where, messages, item.value)
 
     def _turn(self, node: dict, depth: int) -> dict | _Miss:
         f = self.fields
