@@ -321,12 +321,16 @@ def split_rows(data: StageData, split: str, tokenizer, cfg: PrepareConfig,
                 continue
             whole = len(bounds) == 1 and note is None
             fields = _row_fields(record, split, data.stage, upto)
+            # A document split into rows: each row's record is its own piece. The whole document in
+            # every row made a long one cost its length squared (a 5 MB line: tens of GB).
+            pieces_own_record = len(bounds) > 1 and not chats
             for part, (a, b) in enumerate(bounds):
                 pieces.append((batch, index, start + a, start + b))
                 columns["content_hash"].append(digest if whole else f"{digest}:{part}")
-                columns["text"].append(batch.texts[index] if whole else _decode(tokenizer, batch.input_ids[start + a : start + b]))
+                text = batch.texts[index] if whole else _decode(tokenizer, batch.input_ids[start + a : start + b])
+                columns["text"].append(text)
                 for name, value in fields.items():
-                    columns[name].append(value)
+                    columns[name].append(canonical_json({"text": text}) if pieces_own_record and name == "record_json" else value)
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum([b - a for _, _, a, b in pieces], out=offsets[1:])
     return Rows(concat_arrays([batch.input_ids[a:b] for batch, _, a, b in pieces]),

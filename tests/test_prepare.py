@@ -113,7 +113,7 @@ def real_records(preset: str, path: Path, **options) -> list[dict]:
     out = []
     for inp in resolve_inputs(str(path)):
         for item in read_items(inp):
-            out += [rec for _, rec in built.records(item)][:40]
+            out += [o[1] for o in built.records(item) if isinstance(o, tuple)][:40]
             if len(out) >= 40:
                 return out
     return out
@@ -332,12 +332,15 @@ def old_encode_split(data: StageData, split: str, tokenizer, cfg: PrepareConfig)
         messages = record.content.get("messages") or []
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
         for part, piece in enumerate(pieces):
+            text = enc.text if whole else tokenizer.decode(piece.input_ids)
+            own = len(pieces) > 1 and kind == "pretrain"  # a split document: each row's record is its piece
             rows.append({
                 "input_ids": piece.input_ids, "labels": piece.labels, "n_tokens": len(piece.input_ids),
                 "n_trainable": piece.n_trainable, "trainable_share": piece.n_trainable / max(len(piece.input_ids), 1),
                 "content_hash": record.digest if whole else f"{record.digest}:{part}", "split": split,
-                "record_json": json.dumps(record.content, ensure_ascii=False, sort_keys=True, separators=(",", ":")),
-                "source_stage": data.stage, "text": enc.text if whole else tokenizer.decode(piece.input_ids),
+                "record_json": json.dumps({"text": text} if own else record.content, ensure_ascii=False, sort_keys=True,
+                                          separators=(",", ":")),
+                "source_stage": data.stage, "text": text,
                 "roles": ",".join(m["role"] for m in messages), "last_reply": replies[-1] if replies else "",
                 "origin": f"{record.uri} {record.where}".strip(),
             })
@@ -370,6 +373,17 @@ class TestColumnarRows:
         assert rows.to_dicts() == old_encode_split(reference, "train", unit_tokenizer, cfg)
         assert rows.table(prepared_schema()).to_pylist() == rows.to_dicts()
         assert encode_split(StageData("s", spec, train=records), "train", unit_tokenizer, cfg)[0] == rows.to_dicts()
+
+    def test_a_long_document_costs_its_length_not_its_square(self, unit_tokenizer):
+        """Every row of a split document once held the whole document as its record_json."""
+        doc = " ".join(f"The fox number {i} jumps over the lazy dog." for i in range(3000))  # ~130 kB, ~150 rows
+        record = Record({"text": doc}, {"source": 0, "uri": "u", "where": "line 1"}, content_hash({"text": doc}))
+        rows = split_rows(StageData("s", SPECS["embedding"], train=[record]), "train", unit_tokenizer,
+                          PrepareConfig(max_length=256, min_tokens=1))
+        assert len(rows) > 100
+        stored = sum(len(r) for r in rows.record_json) + sum(len(t) for t in rows.text)
+        assert stored < 3 * len(doc)
+        assert "".join(json.loads(r)["text"] for r in rows.record_json) == "".join(rows.text)
 
     def test_take_concat_and_take_across(self, rows):
         dicts = rows.to_dicts()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from collections import Counter
 from functools import cache
 from pathlib import Path
@@ -92,14 +93,14 @@ def read_cesu8_json(path: str) -> Any:
 
 class TestBuildPreset:
     def test_names_and_defaults_per_kind(self):
-        assert PRESET_NAMES == ("text", "messages", "sharegpt", "alpaca", "oasst", "gsm8k", "snips", "text2sql")
+        assert PRESET_NAMES == ("text", "messages", "sharegpt", "alpaca", "oasst", "gsm8k", "snips", "text2sql", "template")
         assert build_preset(None, "pretrain", {}, {}).name == "text"
         assert build_preset(None, "sft", {}, {}).name == "messages"
 
     @pytest.mark.parametrize(
         "name, kind, fields, options, message",
         [
-            ("chatml", "sft", {}, {}, "unknown preset 'chatml': expected one of text, messages, sharegpt, alpaca, oasst, gsm8k, snips, text2sql"),
+            ("chatml", "sft", {}, {}, "unknown preset 'chatml': expected one of text, messages, sharegpt, alpaca, oasst, gsm8k, snips, text2sql, template"),
             ("gsm8k", "pretrain", {}, {}, "preset 'gsm8k' makes sft records, but this is a pretrain stage: use one of text"),
             ("text", "sft", {}, {}, "preset 'text' makes pretrain records, but this is a sft stage: use one of messages, sharegpt, alpaca"),
             ("alpaca", "sft", {"prompt": "q"}, {}, "preset 'alpaca' has no field 'prompt': its fields are instruction (default 'instruction'), input (default 'input'), output"),
@@ -564,3 +565,57 @@ class TestSafetyNet:
         assert len(out) == 1 and isinstance(out[0], Reject)
         assert (out[0].where, out[0].record) == ("line 3", {"messages": [{"role": "user", "content": "hi"}]})
         assert "line 3, field messages[0].role: the last message must be the assistant reply" in out[0].detail
+
+
+# --- template --------------------------------------------------------------------------------------
+
+# The README's two worked examples ("Bring your own data"), as written there.
+MCQ_OPTIONS = {
+    "prompt": "{{ question }}\nOptions: {{ options | join(', ') }}",
+    "reasoning": "{{ rationale }}",
+    "reply": "The answer is {{ correct }}.",
+}
+SQL_OPTIONS = {
+    "system": "You write SQLite queries for the database {{ db_id }}.",
+    "prompt": "Schema:\n{% for t in tables %}{{ t.name }}({{ t.columns | join(', ') }})\n{% endfor %}Question: {{ question }}",
+    "reply": "{{ query }}",
+}
+
+
+class TestTemplate:
+    def test_multiple_choice_with_rationale_becomes_a_think_block(self):
+        row = {"question": "Two dozen eggs, half broken: how many whole?", "options": ["A)6", "B)12", "C)18"],
+               "rationale": "24 eggs, half is 12.", "correct": "B"}
+        records, rejects = mapped("template", "sft", [row], **MCQ_OPTIONS)
+        assert rejects == []
+        assert records == [("[0]", chat("Two dozen eggs, half broken: how many whole?\nOptions: A)6, B)12, C)18",
+                                        "<think>\n24 eggs, half is 12.\n</think>\nThe answer is B."))]
+
+    def test_text_to_sql_with_the_schema_in_the_prompt(self):
+        row = {"db_id": "school", "question": "How many students?", "query": "SELECT count(*) FROM student",
+               "tables": [{"name": "student", "columns": ["id", "name"]}, {"name": "course", "columns": ["id", "title"]}]}
+        records, rejects = mapped("template", "sft", [row], **SQL_OPTIONS)
+        assert rejects == []
+        assert records[0][1] == chat("Schema:\nstudent(id, name)\ncourse(id, title)\nQuestion: How many students?",
+                                     "SELECT count(*) FROM student", system="You write SQLite queries for the database school.")
+
+    def test_a_missing_field_is_a_reject_naming_the_template_and_the_field(self):
+        reject = one_reject("template", "sft", {"question": "q", "options": ["a"], "correct": "A"}, **MCQ_OPTIONS)
+        assert reject.reason == "missing_field"
+        assert reject.detail == "options.reasoning: 'rationale' is undefined (found fields: correct, options, question)"
+
+    def test_a_record_that_is_not_an_object_is_a_reject(self):
+        assert one_reject("template", "sft", ["a", "b"], **MCQ_OPTIONS).reason == "wrong_type"
+
+    @pytest.mark.parametrize("options, message", [
+        ({"prompt": "{{ question", "reply": "x"}, "option prompt: is not a valid template"),
+        ({"prompt": "{{ q }}"}, "option reply: Field required"),
+        ({"prompt": "{{ q }}", "reply": " "}, "option reply: is empty"),
+    ])
+    def test_a_bad_template_is_a_configuration_error(self, options, message):
+        with pytest.raises(PresetError, match=re.escape(message)):
+            build_preset("template", "sft", {}, options)
+
+    def test_the_sandbox_keeps_templates_to_the_record(self):
+        reject = one_reject("template", "sft", {"q": "x"}, prompt="{{ q.__class__.__mro__ }}", reply="ok")
+        assert reject.reason == "template_error" and "SecurityError" in reject.detail

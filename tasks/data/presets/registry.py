@@ -13,6 +13,7 @@ from tasks.data.presets.base import Kind, Preset, PresetError, PresetOptions
 from tasks.data.presets.chat import MessagesPreset, OasstPreset, ShareGPTPreset
 from tasks.data.presets.gsm8k import Gsm8kPreset
 from tasks.data.presets.snips import SnipsPreset
+from tasks.data.presets.template import TemplatePreset
 from tasks.data.presets.text import TextPreset
 from tasks.data.presets.text2sql import Text2SqlPreset
 
@@ -20,6 +21,7 @@ _PRESETS: dict[str, type[Preset]] = {
     p.name: p
     for p in (
         TextPreset, MessagesPreset, ShareGPTPreset, AlpacaPreset, OasstPreset, Gsm8kPreset, SnipsPreset, Text2SqlPreset,
+        TemplatePreset,
     )
 }
 PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
