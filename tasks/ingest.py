@@ -16,6 +16,7 @@ Per stage it writes:
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import time
 from collections import Counter
@@ -42,6 +43,8 @@ class SourceSummary:
     records: int = 0
     dropped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
+    changed: Counter = field(default_factory=Counter)  # kept, with a change on record (a turn cut)
+    limited_from: int | None = None  # records before the source's `limit` sampled them
 
     @property
     def reject_share(self) -> float:
@@ -65,7 +68,8 @@ class IngestedStage:
             "records": self.records,
             "synthetic": self.synthetic,
             "sources": [
-                asdict(s) | {"dropped": dict(sorted(s.dropped.items())), "repaired": dict(sorted(s.repaired.items()))}
+                asdict(s) | {"dropped": dict(sorted(s.dropped.items())), "repaired": dict(sorted(s.repaired.items())),
+                             "changed": dict(sorted(s.changed.items()))}
                 for s in self.sources
             ],
         }
@@ -84,8 +88,10 @@ def _warn_if_untracked(spec: SourceSpec, stage: str) -> None:
                     "re-run the pipeline; move it under %s/", stage, spec.path, paths.SOURCES_DIR, paths.SOURCES_DIR)
 
 
-def ingest_source(spec: SourceSpec, index: int, kind: str) -> tuple[list[dict], list[Reject], SourceSummary]:
-    """Read one source through its preset; records carry their origin, rejects their reason."""
+def ingest_source(spec: SourceSpec, index: int, kind: str,
+                  sample_seed: str = "") -> tuple[list[dict], list[Reject], SourceSummary]:
+    """Read one source through its preset; records carry their origin, rejects their reason.
+    With `limit`, a sample of that many records, the same for the same `sample_seed`, in file order."""
     from tasks.data.presets import PresetError, build_preset
     from tasks.data.readers import read_items
     from tasks.data.sources import resolve_inputs
@@ -100,7 +106,7 @@ def ingest_source(spec: SourceSpec, index: int, kind: str) -> tuple[list[dict], 
 
     def reject(r: Reject) -> None:
         rejects.append(r)
-        (summary.repaired if r.action == "repaired" else summary.dropped)[r.reason] += 1
+        {"repaired": summary.repaired, "changed": summary.changed}.get(r.action, summary.dropped)[r.reason] += 1
 
     for inp in resolve_inputs(spec.path, spec.format):
         summary.inputs.append(inp.uri)
@@ -114,6 +120,10 @@ def ingest_source(spec: SourceSpec, index: int, kind: str) -> tuple[list[dict], 
                     continue
                 where, record = produced  # already checked by the preset (check_record)
                 records.append(record | {"origin": {"source": index, "uri": inp.uri, "where": where}})
+    if spec.limit is not None and len(records) > spec.limit:
+        summary.limited_from = len(records)
+        keep = sorted(random.Random(f"{sample_seed}:limit:{index}").sample(range(len(records)), spec.limit))
+        records = [records[i] for i in keep]
     summary.records = len(records)
     return records, rejects, summary
 
@@ -141,11 +151,14 @@ def ingest_stage(stage: str, spec: StageSpec, seed: int, max_reject_share: float
         records = [r | {"origin": {"source": "synthetic", "where": f"#{i}"}} for i, r in enumerate(generated)]
         rejects, summaries = [], []
     else:
+        if spec.data.n_records is not None:
+            log.warning("stages.%s.data.n_records (%d) is ignored: it sizes the synthetic curriculum, and this stage "
+                        "reads sources; cap a source with its `limit`", stage, spec.data.n_records)
         records, rejects, summaries = [], [], []
         for index, source in enumerate(spec.data.sources):
             _warn_if_untracked(source, stage)
             started = time.perf_counter()
-            got, lost, summary = ingest_source(source, index, spec.kind)
+            got, lost, summary = ingest_source(source, index, spec.kind, f"{seed}:{stage}")
             log.info("%s: %s (%s, %d input(s)): %d records, %d rejected, %d repaired in %.1f s", stage, source.path,
                      summary.preset, len(summary.inputs), summary.records, sum(summary.dropped.values()),
                      sum(summary.repaired.values()), time.perf_counter() - started)

@@ -37,8 +37,11 @@ def raw_params() -> dict:
 
 
 def with_sources(raw: dict, stage: str, *sources: dict, **extra) -> dict:
+    """The stage reading `sources` instead of the synthetic curriculum (its n_records gone, as the
+    warning for keeping both says)."""
     raw = copy.deepcopy(raw)
     raw["stages"][stage]["data"]["sources"] = list(sources)
+    raw["stages"][stage]["data"].pop("n_records", None)
     raw["data"].update(extra)
     return raw
 
@@ -83,6 +86,21 @@ class TestUserSources:
         report = json.loads(paths.raw_report("syntax").read_text())
         assert report["sources"][0]["dropped"] == {"malformed_json": 1, "missing_field": 1, "no_assistant_turn": 1}
         assert not caplog.records  # under data/sources/: DVC tracks it
+
+    def test_n_records_beside_sources_is_said_to_be_ignored(self, raw_params, tmp_path, monkeypatch, caplog):
+        monkeypatch.chdir(tmp_path)
+        source = paths.SOURCES_DIR / "few.jsonl"
+        source.parent.mkdir(parents=True)
+        source.write_text('{"text": "one"}\n{"text": "two"}\n')
+        raw = with_sources(raw_params, "embedding", {"path": str(source)})
+        raw["stages"]["embedding"]["data"]["n_records"] = 500
+        params = parse_params(raw)
+        with caplog.at_level(logging.WARNING, logger="tasks.ingest"):
+            result = ingest_stage("embedding", params.stages["embedding"], params.seed, params.data.max_reject_share)
+        assert result.records == 2
+        assert [r.getMessage() for r in caplog.records] == [
+            "stages.embedding.data.n_records (500) is ignored: it sizes the synthetic curriculum, and this stage reads "
+            "sources; cap a source with its `limit`"]
 
     def test_source_outside_data_sources_warns(self, raw_params, tmp_path, monkeypatch, caplog):
         monkeypatch.chdir(tmp_path)
@@ -171,8 +189,27 @@ class TestBadInputCorpus:
             ("turn_order.jsonl", "line 2", "bad_turn_order", "dropped"),
             ("trailing_user.jsonl", "line 1", "trailing_turns_cut", "changed")]
         assert "messages[1].role" in rejects[0]["detail"]
+        report = json.loads(paths.raw_report("instructions").read_text())
+        # a cut turn is a change, not a loss: it does not count towards data.max_reject_share
+        assert [(s["dropped"], s["changed"]) for s in report["sources"]] == [
+            ({"bad_turn_order": 1}, {}), ({}, {"trailing_turns_cut": 1})]
         kept = read_jsonl(paths.raw_file("instructions"))
         assert [[m["role"] for m in r["messages"]] for r in kept] == [["user", "assistant"], ["user", "assistant"]]
+
+    def test_limit_takes_the_same_seeded_sample_in_file_order(self, raw_params, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        source = tmp_path / "many.jsonl"
+        source.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(50)))
+        raw = with_sources(raw_params, "embedding", {"path": str(source), "limit": 10})
+        params = parse_params(raw)
+        runs = []
+        for _ in range(2):
+            ingest_stage("embedding", params.stages["embedding"], params.seed, params.data.max_reject_share)
+            runs.append([r["origin"]["where"] for r in read_jsonl(paths.raw_file("embedding"))])
+        lines = [int(w.split()[1]) for w in runs[0]]
+        assert runs[0] == runs[1] and len(lines) == 10 and lines == sorted(lines) and lines != list(range(1, 11))
+        report = json.loads(paths.raw_report("embedding").read_text())
+        assert (report["sources"][0]["records"], report["sources"][0]["limited_from"]) == (10, 50)
 
     def test_record_level_problems_are_rejects_with_reasons(self, raw_params, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)

@@ -49,6 +49,8 @@ class SourceSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     # Mixture weight of this source's training records: 0.5 keeps a seeded half, 2 repeats them twice.
     weight: PositiveFloat = 1.0
+    # At most this many records from the source: a seeded sample (the same every run), in file order.
+    limit: PositiveInt | None = None
 
 
 class StageChecks(Strict):
