@@ -503,7 +503,8 @@ def validate_all(params: Params) -> list[DatasetReport]:
     reports = []
     for stage in params.stage_names:
         train_df, eval_df = _read_split(stage, "train"), _read_split(stage, "eval")
-        report = validate_dataset(StageContract.of(params.stages, stage), train_df, eval_df, cfg, session)
+        thresholds = cfg.for_stage(params.stages[stage].validate_)
+        report = validate_dataset(StageContract.of(params.stages, stage), train_df, eval_df, thresholds, session)
         write_report(report)
         reports.append(report)
     docs = session.build_docs()

@@ -52,6 +52,7 @@ TRAIN_STAGES = {"train@embedding", "train@syntax", "train@thinking", "train@inst
 
 PARAM_CHANGES: dict[str, tuple[Any, set[str]]] = {
     "stages.syntax.checks.json_target": (False, {"validate", "evaluate", "register"}),
+    "stages.syntax.validate.min_trainable_share": (0.01, {"validate", "register"}),
     "stages.thinking.train.learning_rate": (0.001, {"train@thinking", "register"}),
     "stages.thinking.train.warmup_ratio": (0.2, {"train@thinking", "register"}),
     "stages.syntax.data.replay_share": (0.1, {"prepare", "register"}),

@@ -243,6 +243,27 @@ class TestFailures:
             validate.validate_all(load_params())
         assert "syntax/train: expect_table_row_count_to_be_between(>= 8): 5 records, need at least 8" in str(info.value)
 
+    def test_a_stage_s_own_thresholds_replace_the_global_ones_for_it_alone(self, project: Path) -> None:
+        """One-word answers train on a small share of each row: the stage says so, the others keep
+        the global threshold."""
+        train, eval_ = syntax_train(), make_split("eval", 4, offset=1000)
+        eval_.loc[0, "trainable_share"] = 0.01
+        write_split("syntax", "train", train)
+        write_split("syntax", "eval", eval_)
+        embedding_eval = make_split("eval", 4, offset=1000, stage="embedding")
+        embedding_eval.loc[0, "trainable_share"] = 0.01
+        write_split("embedding", "eval", embedding_eval)
+        raw = yaml.safe_load(Path("params.yaml").read_text())
+        raw["stages"]["syntax"]["validate"]["min_trainable_share"] = 0.005
+        Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        with pytest.raises(validate.DataValidationError) as info:
+            validate.validate_all(load_params())
+        message = str(info.value)
+        assert "embedding/eval: expect_column_values_to_be_between(trainable_share, >= 0.05)" in message
+        assert "syntax/eval" not in message
+        reports = {stage: json.loads(paths.validation_report(stage).read_text()) for stage in STAGES}
+        assert (reports["syntax"]["success"], reports["embedding"]["success"]) == (True, False)
+
     def test_every_report_is_written_when_one_stage_fails(self, project: Path) -> None:
         broken = make_split("train", 20, stage="embedding")
         broken.loc[0, "n_tokens"] = 1

@@ -202,6 +202,20 @@ class ValidateConfig(Strict):
             raise ValueError("min_tokens must not exceed max_tokens")
         return self
 
+    def for_stage(self, overrides: StageValidate) -> ValidateConfig:
+        """These thresholds with a stage's own in place of each it sets."""
+        return ValidateConfig(**(self.model_dump() | overrides.model_dump(exclude_none=True)))
+
+
+class StageValidate(Strict):
+    """A stage's own `validate` thresholds; null keeps the global `validate` value. For data whose
+    shape differs from the rest: a set of one-word answers trains on a small share of each row."""
+
+    min_tokens: PositiveInt | None = None
+    max_tokens: PositiveInt | None = None
+    min_trainable_share: Fraction | None = None
+    min_records: PositiveInt | None = None
+
 
 # --- train ----------------------------------------------------------------------------------
 
@@ -241,10 +255,13 @@ class StageSpec(Strict):
     """One curriculum stage, in one block: its kind, where it starts from, its data, the content
     contracts `validate` enforces on it, and its training settings."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     kind: Literal["pretrain", "sft"]  # raw text (`text`) or chat (`messages`)
     init_from: str  # `base` or an earlier stage
     data: StageData
     checks: StageChecks = Field(default_factory=StageChecks)
+    validate_: StageValidate = Field(default_factory=StageValidate, alias="validate")
     train: StageTraining
 
     @model_validator(mode="after")
