@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -554,13 +555,34 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
     return results
 
 
+def check_benchmarks_are_deps(cfg: PrepareConfig, dvc_file: Path = Path("dvc.yaml")) -> None:
+    """Fail before any work when a benchmark file is not a dep of `prepare` in dvc.yaml: editing it
+    would not re-run prepare, and contaminated training data would stay. (No dvc.yaml: not run by DVC.)"""
+    from tasks.core.config import ConfigError
+    from tasks.core.dvc_params import undeclared_files
+
+    if not dvc_file.exists() or not cfg.decontaminate.enabled:
+        return
+    missing = undeclared_files("prepare", cfg.decontaminate.benchmark_files, dvc_file)
+    if missing:
+        raise ConfigError(
+            f"prepare.decontaminate.benchmark_files: {', '.join(missing)} is not a dependency of `prepare` in "
+            f"{dvc_file}, so DVC would not re-run prepare when it changes: put benchmark files under "
+            f"{paths.BENCHMARKS_DIR}/ (a dependency), or add the path to stages.prepare.deps")
+    for uri in (f for f in cfg.decontaminate.benchmark_files if f.startswith("s3://")):
+        log.warning("prepare.decontaminate.benchmark_files: %s is read from S3; DVC does not see it change "
+                    "(run `dvc repro --force prepare` after updating it)", uri)
+
+
 def main(argv: list[str] | None = None) -> int:
     def run(args) -> list[str]:
+        params = load_params(args.params)
+        check_benchmarks_are_deps(params.prepare)
         return [
             f"prepare: {r.stage}: {r.n_train} train (+{r.n_replayed} replayed), {r.n_eval} eval, "
             f"{r.n_rejected} rejected or changed"
             + (f", packed {r.packing_efficiency:.1%} full" if r.packing_efficiency is not None else "")
-            for r in prepare_all(load_params(args.params))
+            for r in prepare_all(params)
         ]
 
     return run_stage_cli("prepare", __doc__, run, argv, expected=(ChatTemplateError,))

@@ -447,3 +447,12 @@ def test_params_deps_rerun_exactly(key, request):
             f"  do not re-run but should (list the key under their params in dvc.yaml): {sorted(expected - reported) or '-'}",
             pytrace=False,
         )
+
+
+def test_editing_a_benchmark_file_reruns_prepare(dvc_workspace, tmp_path):
+    """Benchmark files live under data/benchmarks/, a dep of prepare: adding or editing one re-runs
+    prepare (and what follows it), so no contaminated training record stays."""
+    case = tmp_path / "ws"
+    shutil.copytree(dvc_workspace, case, symlinks=True, ignore=shutil.ignore_patterns(".dvc-site"))
+    (case / "data" / "benchmarks" / "test_set.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    assert stale_or_error(case) == {"prepare"}

@@ -57,3 +57,25 @@ def test_the_train_command_is_checked_as_its_foreach_stage(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert undeclared_stage_keys("train", load_params("params.yaml").stage_names) == []
     check_declared("train", "params.yaml")
+
+
+def test_benchmark_files_outside_prepare_s_deps_are_named(tmp_path):
+    from tasks.core.dvc_params import undeclared_files
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: x\n    deps: [data/raw, data/benchmarks, extra/one.jsonl]\n")
+    files = ["data/benchmarks/a.jsonl", "data/benchmarks/sub/b.csv", "extra/one.jsonl", "elsewhere/c.jsonl",
+             "data/benchmarks_old/d.jsonl", str(tmp_path / "data/benchmarks/e.jsonl"), "/tmp/outside.jsonl", "s3://b/k.jsonl"]
+    assert undeclared_files("prepare", files, tmp_path / "dvc.yaml") == [
+        "elsewhere/c.jsonl", "data/benchmarks_old/d.jsonl", "/tmp/outside.jsonl"]
+
+
+def test_prepare_refuses_a_benchmark_file_dvc_would_not_see(tmp_path, monkeypatch):
+    from tasks.core.config import ConfigError, PrepareConfig
+    from tasks.prepare import check_benchmarks_are_deps
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: x\n    deps: [data/benchmarks]\n")
+    cfg = PrepareConfig(decontaminate={"benchmark_files": ["data/benchmarks/ok.jsonl", "gsm8k_test.jsonl"]})
+    with pytest.raises(ConfigError, match=r"gsm8k_test.jsonl is not a dependency of `prepare` in dvc.yaml.*data/benchmarks/"):
+        check_benchmarks_are_deps(cfg)
+    check_benchmarks_are_deps(PrepareConfig(decontaminate={"benchmark_files": ["data/benchmarks/ok.jsonl"]}))

@@ -1,4 +1,4 @@
-"""The params.yaml keys each DVC stage declares in dvc.yaml, and their values.
+"""The params.yaml keys (and the files) each DVC stage declares in dvc.yaml, and their values.
 
 dvc.yaml is the one definition of what a stage's result depends on: DVC re-runs a stage when one
 of its keys changes, and `train` resumes a checkpoint only when the same keys hold the same values
@@ -7,6 +7,7 @@ of its keys changes, and `train` resumes a checkpoint only when the same keys ho
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,32 @@ def undeclared_stage_keys(stage: str, stage_names: list[str], dvc_file: Path = D
     fields = {key.split(".", 2)[2] for key in declared if key.startswith("stages.") and key.count(".") >= 2}
     return [f"stages.{name}.{field}" for name in stage_names for field in sorted(fields)
             if f"stages.{name}.{field}" not in declared]
+
+
+def declared_deps(stage: str, dvc_file: Path = DVC_FILE) -> list[str]:
+    """The file and folder deps a DVC stage lists, as written (relative to dvc.yaml's folder)."""
+    spec = yaml.safe_load(dvc_file.read_text())["stages"].get(stage)
+    if spec is None:
+        raise KeyError(f"{dvc_file} has no stage {stage!r}")
+    return [str(d) for d in (spec["do"] if "foreach" in spec else spec).get("deps", [])]
+
+
+def undeclared_files(stage: str, files: list[str], dvc_file: Path = DVC_FILE) -> list[str]:
+    """The local files among `files` that no dep of `stage` covers (the path itself, or a folder
+    above it): DVC would not re-run the stage when they change. S3 URIs are not local files."""
+    root = dvc_file.resolve().parent
+    deps = [posixpath.normpath(d) for d in declared_deps(stage, dvc_file)]
+    missing = []
+    for name in files:
+        if name.startswith("s3://"):
+            continue
+        path = Path(name)
+        resolved = path.resolve() if path.is_absolute() else (root / path).resolve()
+        try:
+            rel = resolved.relative_to(root).as_posix()
+        except ValueError:
+            missing.append(name)
+            continue
+        if not any(rel == d or rel.startswith(f"{d}/") for d in deps):
+            missing.append(name)
+    return missing

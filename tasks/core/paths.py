@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 SOURCES_DIR = Path("data/sources")  # user-provided stage files live here so DVC hashes them
+BENCHMARKS_DIR = Path("data/benchmarks")  # prepare.decontaminate.benchmark_files: a dep of prepare
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
 MODELS_DIR = Path("models")
