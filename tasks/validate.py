@@ -291,10 +291,15 @@ def _observed(expectation: str, result: dict[str, Any]) -> dict[str, Any]:
     """The values worth keeping: the row count, or a few offending values (none for nulls: NaN is not JSON)."""
     if "observed_value" in result:
         return {"observed_value": _plain(result["observed_value"])}
-    if expectation == "expect_column_values_to_not_be_null" or not result.get("unexpected_count"):
+    if not result.get("unexpected_count"):
         return {}
+    origins = [row["origin"] for row in result.get("partial_unexpected_index_list") or []
+               if isinstance(row, dict) and row.get("origin")]  # row numbers, without an origin column
+    where = {"unexpected_origins": list(dict.fromkeys(origins))[:MAX_EXAMPLES]} if origins else {}
+    if expectation == "expect_column_values_to_not_be_null":
+        return where
     counts = result.get("partial_unexpected_counts") or []
-    return {"unexpected_examples": [_plain(c["value"]) for c in counts[:MAX_EXAMPLES]]}
+    return {"unexpected_examples": [_plain(c["value"]) for c in counts[:MAX_EXAMPLES]]} | where
 
 
 def _short(value: Any) -> str:
@@ -316,6 +321,8 @@ def _summarise(dataset: str, check: _Check, gx_result: Any) -> ExpectationResult
     observed = _observed(config.type, result)
     if problem and u and observed.get("unexpected_examples"):
         problem += f" (e.g. {', '.join(_short(v) for v in observed['unexpected_examples'][:3])})"
+    if problem and u and observed.get("unexpected_origins"):
+        problem += f"; from {', '.join(observed['unexpected_origins'][:3])}"
     return ExpectationResult(
         dataset=dataset,
         name=check.name,
@@ -382,7 +389,10 @@ class GxSession:
         definition = self.context.validation_definitions.add(
             gx.ValidationDefinition(name=name, data=self.batch, suite=suite)
         )
-        outcome = definition.run(batch_parameters={"dataframe": df})  # also stores it for the docs
+        # With the rows' `origin` (file and line), a failure names where the offending rows came from.
+        result_format = ({"result_format": "SUMMARY", "unexpected_index_column_names": ["origin"],
+                          "partial_unexpected_count": MAX_EXAMPLES} if "origin" in df.columns else "SUMMARY")
+        outcome = definition.run(batch_parameters={"dataframe": df}, result_format=result_format)  # stored for the docs
         summaries = {
             r.expectation_config.id: _summarise(dataset, by_id[r.expectation_config.id], r) for r in outcome.results
         }

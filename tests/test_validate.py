@@ -58,6 +58,7 @@ def make_row(stage: str, split: str, i: int) -> dict:
         "text": text,
         "roles": roles,
         "last_reply": last_reply,
+        "origin": f"data/sources/{stage}.jsonl line {i + 1}",
     }
 
 
@@ -184,7 +185,7 @@ def _mislabelled(train: pd.DataFrame, eval_: pd.DataFrame) -> None:
 
 FAILURES = {
     "too_long": (_too_long, "syntax/train: expect_column_values_to_be_between(n_tokens, 4..256): 2 of 20 records out of range (e.g. 300)"),
-    "low_share": (_low_share, "syntax/eval: expect_column_values_to_be_between(trainable_share, >= 0.05): 1 of 4 records have too few trainable tokens (e.g. 0.01)"),
+    "low_share": (_low_share, "syntax/eval: expect_column_values_to_be_between(trainable_share, >= 0.05): 1 of 4 records have too few trainable tokens (e.g. 0.01); from data/sources/syntax.jsonl line 1001"),
     "duplicate": (_duplicate, "syntax/train: expect_column_values_to_be_unique(content_hash): 2 of 20 records share their content_hash with another (duplicates)"),
     "leak": (_leak, "syntax/eval: expect_column_values_to_not_be_in_set(content_hash, train hashes): 1 of 4 eval records are in both train and eval"),
     "mislabelled": (_mislabelled, "syntax/eval: expect_column_values_to_be_in_set(split, {eval}): 1 of 4 records are labelled with another split"),
@@ -397,8 +398,9 @@ class TestContentContracts:
         train = train_of(THINKING)
         train.loc[0, "last_reply"] = "<think>\nno end"
         [failure] = run_contract(THINKING, train).failures
-        assert failure.problem.endswith('(e.g. "<think>\\nno end")')
-        assert failure.observed == {"unexpected_examples": ["<think>\nno end"]}
+        assert failure.problem.endswith('(e.g. "<think>\\nno end"); from data/sources/thinking.jsonl line 1')
+        assert failure.observed == {"unexpected_examples": ["<think>\nno end"],
+                                    "unexpected_origins": ["data/sources/thinking.jsonl line 1"]}
 
     def test_pretrain_stage_without_checks_has_no_content_suite(self) -> None:
         contract = validate.StageContract("embedding", "pretrain")
