@@ -205,6 +205,12 @@ class TestMessages:
                                                                     ("[1]", "trailing_turns_cut", "changed")]
         assert rejects[0].detail.startswith("1 turn(s) after the last assistant reply cut (user)")
 
+    def test_turns_that_are_plain_strings_say_there_is_no_reply(self):
+        reject = one_reject("messages", "sft", {"turns": ["What is 2+2?", "And 3+3?"]}, {"messages": "turns"})
+        assert reject.reason == "no_assistant_turn"
+        assert reject.detail.startswith("field 'turns' holds 2 plain string(s), not {role, content} turns")
+        assert "benchmark_files" in reject.detail
+
     @pytest.mark.parametrize("roles, at, message", [
         (["user", "user", "assistant"], 1, "'user' after 'user'"),
         (["user", "assistant", "assistant"], 2, "'assistant' after 'assistant'"),

@@ -42,6 +42,14 @@ def _role_lookup(role_map: dict[str, str]) -> dict[str, str]:
     return {**{k.lower(): v for k, v in merged.items()}, **merged}
 
 
+def _plain_string_turns(field: str, n: int) -> str:
+    """What to say of a chat whose turns are bare strings: no roles, so no reply to train on."""
+    return (f"field {field!r} holds {n} plain string(s), not {{role, content}} turns: questions with no replies, "
+            "nothing to train on. A question set is a benchmark: list the file under "
+            "prepare.decontaminate.benchmark_files; alternating user/assistant strings can be mapped with the "
+            "`template` preset")
+
+
 class MessagesPreset(Preset):
     """A chat as a list of {role, content} turns (OpenAI style; ShareGPT with other defaults)."""
 
@@ -61,6 +69,9 @@ class MessagesPreset(Preset):
             turns = _field(item.value, f["messages"], list, config_key="messages")
         if isinstance(turns, _Miss):
             yield turns.reject(item, item.where, item.value)
+            return
+        if turns and all(isinstance(t, str) for t in turns):
+            yield self._reject(item, item.where, "no_assistant_turn", _plain_string_turns(f["messages"], len(turns)), item.value)
             return
         messages = []
         for i, turn in enumerate(turns):
