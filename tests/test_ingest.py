@@ -211,6 +211,21 @@ class TestBadInputCorpus:
         report = json.loads(paths.raw_report("embedding").read_text())
         assert (report["sources"][0]["records"], report["sources"][0]["limited_from"]) == (10, 50)
 
+    def test_preset_refusals_in_the_corpus(self, raw_params, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        raw = with_sources(raw_params, "thinking", {"path": str(BAD / "gsm8k_words.jsonl"), "preset": "gsm8k"},
+                           max_reject_share=1.0)
+        raw = with_sources(raw, "instructions", {"path": str(BAD / "plain_turns.jsonl"), "fields": {"messages": "turns"}})
+        params = parse_params(raw)
+        ingest_stage("thinking", params.stages["thinking"], params.seed, params.data.max_reject_share)
+        assert [(r["where"], r["reason"]) for r in read_jsonl(paths.raw_rejects("thinking"))] == [
+            ("line 1", "non_numeric_answer"), ("line 2", "unbalanced_calculator_note")]
+        assert [r["origin"]["where"] for r in read_jsonl(paths.raw_file("thinking"))] == ["line 3"]
+        with pytest.raises(SourceError, match=r"0 records, 1 rejected \(no_assistant_turn x1\)"):
+            ingest_stage("instructions", params.stages["instructions"], params.seed, params.data.max_reject_share)
+        [reject] = read_jsonl(paths.raw_rejects("instructions"))
+        assert "holds 2 plain string(s)" in reject["detail"]
+
     def test_record_level_problems_are_rejects_with_reasons(self, raw_params, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
         texts = ["malformed_line.jsonl", "missing_field.jsonl", "wrong_type.jsonl", "latin1.jsonl", "cesu8.jsonl"]
