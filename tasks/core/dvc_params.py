@@ -17,14 +17,19 @@ DVC_FILE = Path(__file__).resolve().parents[2] / "dvc.yaml"
 WHOLE_FILE = ""  # a stage that lists `params.yaml:` depends on every key
 
 
-def declared_keys(stage: str, dvc_file: Path = DVC_FILE) -> list[str]:
-    """Dotted params.yaml keys of a DVC stage (`train@syntax`: the foreach template, `${key}` filled)."""
-    name, _, key = stage.partition("@")
+def _stage_body(name: str, dvc_file: Path) -> dict[str, Any]:
+    """A DVC stage's definition as dvc.yaml writes it (a foreach stage's `do` template)."""
     stages = yaml.safe_load(dvc_file.read_text())["stages"]
     if name not in stages:
         raise KeyError(f"{dvc_file} has no stage {name!r}")
     spec = stages[name]
-    entries = (spec["do"] if "foreach" in spec else spec).get("params", [])
+    return spec["do"] if "foreach" in spec else spec
+
+
+def declared_keys(stage: str, dvc_file: Path = DVC_FILE) -> list[str]:
+    """Dotted params.yaml keys of a DVC stage (`train@syntax`: the foreach template, `${key}` filled)."""
+    name, _, key = stage.partition("@")
+    entries = _stage_body(name, dvc_file).get("params", [])
     keys: list[str] = []
     for entry in entries:
         if isinstance(entry, dict):  # {file: [keys]} or {file: null} (every key)
@@ -66,10 +71,7 @@ def undeclared_stage_keys(stage: str, stage_names: list[str], dvc_file: Path = D
 
 def declared_deps(stage: str, dvc_file: Path = DVC_FILE) -> list[str]:
     """The file and folder deps a DVC stage lists, as written (relative to dvc.yaml's folder)."""
-    spec = yaml.safe_load(dvc_file.read_text())["stages"].get(stage)
-    if spec is None:
-        raise KeyError(f"{dvc_file} has no stage {stage!r}")
-    return [str(d) for d in (spec["do"] if "foreach" in spec else spec).get("deps", [])]
+    return [str(d) for d in _stage_body(stage, dvc_file).get("deps", [])]
 
 
 def undeclared_files(stage: str, files: list[str], dvc_file: Path = DVC_FILE) -> list[str]:
