@@ -390,8 +390,8 @@ class GxSession:
             gx.ValidationDefinition(name=name, data=self.batch, suite=suite)
         )
         # With the rows' `origin` (file and line), a failure names where the offending rows came from.
-        result_format = ({"result_format": "SUMMARY", "unexpected_index_column_names": ["origin"],
-                          "partial_unexpected_count": MAX_EXAMPLES} if "origin" in df.columns else "SUMMARY")
+        result_format = ({"result_format": "SUMMARY", "unexpected_index_column_names": ["origin"]}
+                         if "origin" in df.columns else "SUMMARY")
         outcome = definition.run(batch_parameters={"dataframe": df}, result_format=result_format)  # stored for the docs
         summaries = {
             r.expectation_config.id: _summarise(dataset, by_id[r.expectation_config.id], r) for r in outcome.results
