@@ -120,3 +120,25 @@ def test_model_uri_must_name_a_version_or_alias(in_registry, uri):
 def test_unknown_alias_is_a_clear_error(in_registry, capsys):
     assert serve.main(["--model", f"models:/{NAME}@nope", "--prompt", "hi"]) == 2
     assert f"models:/{NAME}@nope: no such registered version" in capsys.readouterr().err
+
+
+def test_a_version_is_read_from_the_clients_store_not_the_process_wide_one(in_registry, tmp_path):
+    """`mlflow.set_tracking_uri` (as `tasks/core/tracking.py` calls it) outranks the environment, and
+    MLflow resolves `models:/` URIs against that process-wide registry: another store holding a
+    model of the same name must not be where the client's version is looked up."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    _, client = in_registry
+    other_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    other = MlflowClient(tracking_uri=other_uri)
+    run = other.create_run(other.create_experiment("other", artifact_location=(tmp_path / "runs").as_uri()))
+    other.create_registered_model(NAME)
+    other.create_model_version(NAME, source=f"runs:/{run.info.run_id}/adapter", run_id=run.info.run_id)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(other_uri)
+    try:
+        files = download_version(client, resolve_version(client, f"models:/{NAME}/1"), tmp_path / "v1")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert files.describe() == "base + s1 (merged) + s2"

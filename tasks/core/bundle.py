@@ -98,7 +98,10 @@ def download_version(client: MlflowClient, version: ModelVersion, dst: Path) -> 
     from tasks.core.modeling import BaseInfo
 
     dst = Path(dst)
-    final = _download(client, dst / "adapters" / ".final", artifact_uri=f"models:/{version.name}/{version.version}")
+    # The version's own storage, asked of this client's registry: a `models:/` URI would be resolved
+    # against the process-wide registry URI instead, which need not be the client's store.
+    source = client.get_model_version_download_uri(version.name, version.version)
+    final = _download(client, dst / "adapters" / ".final", artifact_uri=source)
     if not (final / STAGE_INFO_FILE).exists():
         raise BundleError(f"{version.name} v{version.version}: its source {version.source} has no {STAGE_INFO_FILE}")
     stage_info = json.loads((final / STAGE_INFO_FILE).read_text())
