@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tasks.data import decontaminate
-from tasks.data.decontaminate import NgramIndex, contaminated, word_tokens, words
+from tasks.data.decontaminate import NgramIndex, contaminated, size_batches, word_tokens, words
 
 EVAL = [
     (
@@ -110,7 +110,7 @@ class TestContaminated:
         index = NgramIndex.build(eval_texts, 13)
         one_by_one = {i: hit for i, t in enumerate(train) if (hit := index.first_hit(t)) is not None}
         assert set(one_by_one) == set(range(0, 300, 7))
-        assert index.first_hits(train, batch_size=17) == one_by_one == contaminated(train, eval_texts, 13)
+        assert index.first_hits(train, max_chars=2000) == one_by_one == contaminated(train, eval_texts, 13)
 
     def test_rejects_bad_n(self):
         with pytest.raises(ValueError, match="at least 1 word"):
@@ -133,5 +133,13 @@ class TestWork:
         original = NgramIndex.contains
         monkeypatch.setattr(NgramIndex, "contains", lambda self, h: calls.append(len(h)) or original(self, h))
         train = [filler(20, i) for i in range(5000)]
-        NgramIndex.build(EVAL, 13).first_hits(train, batch_size=2048)
-        assert calls == [2048 * 20 - 12, 2048 * 20 - 12, 904 * 20 - 12]  # 3 calls: every 13-word window of a batch
+        NgramIndex.build(EVAL, 13).first_hits(train, max_chars=100_000)
+        batches = list(size_batches(train, 100_000))
+        assert len(batches) >= 3 and batches[0][0] == 0 and batches[-1][1] == len(train)
+        assert all(sum(map(len, train[a:b])) <= 100_000 for a, b in batches)
+        # one call a batch, over every 13-word window of it (windows that cross texts are masked later)
+        assert calls == [(b - a) * 20 - 12 for a, b in batches]
+
+    def test_a_text_longer_than_a_batch_is_a_batch_of_its_own(self):
+        assert list(size_batches(["ab", "x" * 50, "cd", "ef"], max_chars=5)) == [(0, 1), (1, 2), (2, 4)]
+        assert list(size_batches([], max_chars=5)) == []

@@ -208,3 +208,15 @@ class TestWork:
         texts = ["the cat sat on the mat"] * 50 + ["the dog sat on the log"] * 50
         find_duplicates(texts, DedupeConfig(exact=False), seed=0)
         assert sorted(hashed) == sorted({b"the", b"cat", b"sat", b"on", b"mat", b"dog", b"log"})
+
+    def test_batches_find_what_one_batch_finds_across_their_boundaries(self):
+        """Texts are worked through in batches of characters (memory stays bounded); a duplicate of a
+        text in an earlier batch, exact or near, is still found and points at the first occurrence."""
+        texts = synthetic_texts(300)
+        texts[250] = texts[10]  # exact, many batches apart
+        texts[290] = one_word_changed(PARAGRAPH, 3)
+        texts[20] = PARAGRAPH
+        cfg = DedupeConfig(near_threshold=0.8)
+        whole = find_duplicates(texts, cfg, seed=0)
+        assert whole[250] == ("exact_duplicate", 10) and whole[290] == ("near_duplicate", 20)
+        assert find_duplicates(texts, cfg, seed=0, batch_chars=len(PARAGRAPH)) == whole

@@ -12,7 +12,7 @@ The word-hashing helpers here are shared with `tasks/data/dedupe.py`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from hashlib import blake2b
 from itertools import chain
 
@@ -94,6 +94,25 @@ def hash_word_lists(word_lists: Sequence[Sequence[bytes]]) -> tuple[np.ndarray, 
     ids = np.fromiter(map(vocab.__getitem__, chain.from_iterable(word_lists)), dtype=np.int64, count=total)
     table = np.fromiter(map(_hash_token, vocab), dtype=np.uint64, count=len(vocab))
     return table[ids], offsets
+
+
+# Characters of text per batch of the bulk passes here and in dedupe: a batch's words live as one
+# bytes object each (~45 B a word), so 4M characters (~800k words) keep its temporaries near 50 MB
+# whatever the number or length of the texts.
+BATCH_CHARS = 4_000_000
+
+
+def size_batches(texts: Sequence[str], max_chars: int = BATCH_CHARS) -> Iterator[tuple[int, int]]:
+    """Consecutive (start, end) index ranges over `texts`, each holding about `max_chars` characters
+    (at least one text, so a text longer than that is a batch of its own)."""
+    start, size = 0, 0
+    for i, text in enumerate(texts):
+        if size and size + len(text) > max_chars:
+            yield start, i
+            start, size = i, 0
+        size += len(text)
+    if start < len(texts):
+        yield start, len(texts)
 
 
 def fmix64(h: np.ndarray) -> np.ndarray:
@@ -183,9 +202,12 @@ class NgramIndex:
         """Index every n-gram of `texts`; texts shorter than n words contribute nothing."""
         if n < 1:
             raise ValueError(f"n-gram size must be at least 1 word, got {n}")
-        word_lists = [word_tokens(text) for text in texts]
-        hashes, offsets = hash_word_lists(word_lists)
-        return cls(_sorted_unique(rolling_ngram_hashes(hashes, n)[window_mask(offsets, n)]), n)
+        texts = list(texts)
+        parts = [np.zeros(0, dtype=np.uint64)]
+        for start, end in size_batches(texts):
+            hashes, offsets = hash_word_lists([word_tokens(text) for text in texts[start:end]])
+            parts.append(_sorted_unique(rolling_ngram_hashes(hashes, n)[window_mask(offsets, n)]))
+        return cls(_sorted_unique(np.concatenate(parts)), n)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -206,15 +228,15 @@ class NgramIndex:
         found[maybe] = self.hashes[pos] == candidates
         return found
 
-    def first_hits(self, texts: Sequence[str], batch_size: int = 8192) -> dict[int, str]:
+    def first_hits(self, texts: Sequence[str], max_chars: int = BATCH_CHARS) -> dict[int, str]:
         """Index of each text sharing an n-gram with the index -> its first shared n-gram (as words).
 
-        Works through `texts` in batches so memory stays bounded (a batch of 8192 GSM8K-sized
-        texts holds about 1.5M n-grams, ~50 MB of temporaries) however large the stage.
+        Works through `texts` in batches of about `max_chars` characters, so memory stays bounded
+        however many texts the stage has and however long they are.
         """
         found: dict[int, str] = {}
-        for start in range(0, len(texts), batch_size):
-            batch = self._first_hits_batch(texts[start : start + batch_size])
+        for start, end in size_batches(texts, max_chars):
+            batch = self._first_hits_batch(texts[start:end])
             found.update((start + i, ngram) for i, ngram in batch.items())
         return found
 

@@ -21,7 +21,9 @@ import numpy as np
 
 from tasks.core.config import DedupeConfig
 from tasks.data.decontaminate import (
+    BATCH_CHARS,
     fmix64,
+    size_batches,
     hash_word_lists,
     rolling_ngram_hashes,
     window_mask,
@@ -101,12 +103,12 @@ def normalized_key(text: str) -> str:
 # --- exact ----------------------------------------------------------------------------------------
 
 
-def _exact_duplicates(word_lists: Sequence[list[bytes]]) -> dict[int, tuple[str, int]]:
-    # The joined bytes themselves are the dict key: exact, and cheaper than hashing each one.
-    first: dict[bytes, int] = {}
+def _first_seen(keys: dict[bytes, int], word_lists: Sequence[list[bytes]], start: int) -> dict[int, tuple[str, int]]:
+    """Exact duplicates among texts `start`, `start + 1`, ... given the keys of every text seen
+    before them (updated in place): a 16-byte blake2b key per distinct text, not the text itself."""
     found = {}
-    for index, words in enumerate(word_lists):
-        kept = first.setdefault(b" ".join(words), index)
+    for index, words in enumerate(word_lists, start):
+        kept = keys.setdefault(blake2b(b" ".join(words), digest_size=16).digest(), index)
         if kept != index:
             found[index] = ("exact_duplicate", kept)
     return found
@@ -231,19 +233,31 @@ def near_duplicates(signatures: np.ndarray, threshold: float, seed: int) -> dict
 # --- the step -------------------------------------------------------------------------------------
 
 
-def find_duplicates(texts: list[str], cfg: DedupeConfig, seed: int) -> dict[int, tuple[str, int]]:
+def find_duplicates(texts: list[str], cfg: DedupeConfig, seed: int,
+                    batch_chars: int = BATCH_CHARS) -> dict[int, tuple[str, int]]:
     """Index of each text to drop -> ("exact_duplicate" | "near_duplicate", index of the kept text).
 
     The first occurrence is kept. Near-duplicates are searched among the texts left after exact
     dedupe and confirmed only against texts already kept, so a chain A ~ B ~ C with A !~ C keeps
     A and C. Deterministic for a given seed (the MinHash permutations depend on it).
     """
-    word_lists = [_normalized_words(text) for text in texts]
-    dropped = _exact_duplicates(word_lists) if cfg.exact else {}
-    if cfg.near_threshold is not None:
-        survivors = [i for i in range(len(texts)) if i not in dropped]
-        shingles, offsets = shingle_hashes([word_lists[i] for i in survivors], cfg.shingle_words)
-        signatures = minhash_signatures(shingles, offsets, cfg.num_perm, seed)
-        for position, kept in near_duplicates(signatures, cfg.near_threshold, seed).items():
-            dropped[survivors[position]] = ("near_duplicate", survivors[kept])
+    dropped: dict[int, tuple[str, int]] = {}
+    keys: dict[bytes, int] = {}
+    near = cfg.near_threshold is not None
+    survivors: list[int] = []
+    signatures = [np.zeros((0, cfg.num_perm), dtype=np.uint32)]
+    # Batches of about BATCH_CHARS characters: a text's words exist only while its batch is worked
+    # on, so memory is the signatures (4 bytes a permutation a text), not every word of the stage.
+    for start, end in size_batches(texts, batch_chars):
+        word_lists = [_normalized_words(text) for text in texts[start:end]]
+        found = _first_seen(keys, word_lists, start) if cfg.exact else {}
+        dropped |= found
+        if near:
+            kept = [i for i in range(start, end) if i not in found]
+            shingles, offsets = shingle_hashes([word_lists[i - start] for i in kept], cfg.shingle_words)
+            signatures.append(minhash_signatures(shingles, offsets, cfg.num_perm, seed))
+            survivors += kept
+    if near:
+        for position, kept_at in near_duplicates(np.concatenate(signatures), cfg.near_threshold, seed).items():
+            dropped[survivors[position]] = ("near_duplicate", survivors[kept_at])
     return dict(sorted(dropped.items()))
