@@ -57,7 +57,7 @@ from tasks.core.records import (
 from tasks.data.clean import PII_REASONS
 from tasks.data.control_tokens import CONTROL_TOKEN, ControlTokens
 from tasks.data.control_tokens import describe as describe_control
-from tasks.data.errors import Reject
+from tasks.data.errors import MAX_REJECT_RECORD_CHARS, Reject
 from tasks.data.rows import ROW_LISTS, Record, Rows, concat_arrays, packed_schema, packed_table, prepared_schema, write_table  # noqa: F401 - re-exported
 from tasks.data.tokenize_pool import EncodedRecords, Encoder, Located, StageFirstPool, encode_records
 
@@ -107,6 +107,9 @@ def clean_records(stage: str, spec: StageSpec, raw: list[dict], cfg: PrepareConf
     for obj in raw:
         origin = obj.get("origin") or {}
         record = Record({k: v for k, v in obj.items() if k != "origin"}, origin)
+        if (size := content_chars(record.content)) > cfg.max_record_chars:
+            reject_too_large(data, record, size, cfg)
+            continue
         cleaned, reasons = final_content(record.content, cfg.clean)
         if cleaned != record.content:
             scrubbed = sorted(r for r in reasons if r in PII_REASONS)
@@ -135,6 +138,28 @@ def clean_records(stage: str, spec: StageSpec, raw: list[dict], cfg: PrepareConf
             record.plain_text = record_text(record.content)  # type: ignore[misc]
         kept.append(record)
     return data, kept
+
+
+def content_chars(content: dict) -> int:
+    """Characters of a record's text, or of all its messages' contents (without joining them)."""
+    if isinstance(content.get("text"), str):
+        return len(content["text"])
+    return sum(len(m["content"]) for m in content.get("messages") or []
+               if isinstance(m, dict) and isinstance(m.get("content"), str))
+
+
+def reject_too_large(data: StageData, record: Record, size: int, cfg: PrepareConfig) -> None:
+    """A `too_large` reject: its entry holds the record's first characters (scrubbed when
+    `clean.scrub_pii` is on), not a copy of the whole record; the origin says where the rest is."""
+    from tasks.data.clean import record_text, scrub_value
+
+    head = record_text(record.content)[:MAX_REJECT_RECORD_CHARS]
+    detail = (f"{size:,} characters, over prepare.max_record_chars={cfg.max_record_chars:,}: cut the document "
+              f"into smaller records (the text preset's `split: paragraphs` with `max_chars`) or raise the limit; "
+              f"the entry shows its first {len(head):,} characters, the whole record is at {record.uri} {record.where}")
+    data.rejects.append(Reject(record.uri, record.where, "too_large", detail,
+                               scrub_value(head) if cfg.clean.scrub_pii else head))
+    data.counts["dropped.too_large"] += 1
 
 
 def dedupe_and_split(data: StageData, records: list[Record], cfg: PrepareConfig, seed: int) -> None:

@@ -144,11 +144,12 @@ class TestSignaturesAndLsh:
         for got, want in zip(ours, reference, strict=True):
             np.testing.assert_array_equal(got, want.hashvalues)
 
-    def test_signatures_batch_boundaries_do_not_matter(self, monkeypatch):
+    @pytest.mark.parametrize("chunk", [50, 10])  # one or two texts (26 shingles each) a batch; a text in 3 pieces
+    def test_signatures_batch_boundaries_do_not_matter(self, monkeypatch, chunk):
         words = [t.encode().split() for t in synthetic_texts(40, words=30)]
         shingles, offsets = shingle_hashes(words, 5)
         whole = minhash_signatures(shingles, offsets, 32, 0)
-        monkeypatch.setattr(dedupe, "_CHUNK_SHINGLES", 50)  # fewer shingles than one text: one text a batch
+        monkeypatch.setattr(dedupe, "_CHUNK_SHINGLES", chunk)
         np.testing.assert_array_equal(minhash_signatures(shingles, offsets, 32, 0), whole)
 
     @pytest.mark.parametrize("threshold, expected", [(0.8, (10, 6)), (0.9, (7, 9)), (1.0, (2, 32))])

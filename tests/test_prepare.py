@@ -154,6 +154,26 @@ class TestMasksOnRealRecords:
 
 
 class TestCleanAndSplit:
+    @pytest.mark.parametrize("scrub", [False, True])
+    def test_a_record_over_the_size_limit_is_a_reject_holding_its_head_not_an_oom(self, scrub):
+        """`prepare.max_record_chars` drops a record before any work on it; the entry names the
+        limit, says what to do, holds only the record's first characters (scrubbed when scrubbing
+        is on) and points at the whole record."""
+        cfg = PARAMS.prepare.model_copy(update={"max_record_chars": 3000, "clean": PARAMS.prepare.clean.model_copy(
+            update={"scrub_pii": scrub})})
+        long_reply = "Write to ada@example.org. " + "word " * 2000  # with the question: 10,045 characters
+        records = [chat(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(10)]
+        records.insert(4, chat("Tell me everything.", long_reply))
+        data = clean_and_split("syntax", SPECS["syntax"], [raw(r, i) for i, r in enumerate(records)], cfg, 0)
+        assert len(data.train + data.eval) == 10
+        (reject,) = data.rejects
+        assert (reject.reason, reject.action, reject.where) == ("too_large", "dropped", "line 5")
+        assert "10,045 characters, over prepare.max_record_chars=3,000" in reject.detail
+        assert "max_chars" in reject.detail and "data/sources/x.jsonl line 5" in reject.detail
+        stored = json.dumps(reject.to_json())
+        assert len(stored) < 3000 and ("ada@example.org" in stored) is not scrub
+        assert dict(data.counts) == {"dropped.too_large": 1}
+
     def test_changes_and_duplicates_are_logged_and_splits_follow_the_hash(self):
         records = [chat(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(30)]
         records.insert(5, chat("What is 3 plus 3?", "It is 6."))  # exact duplicate of record 3

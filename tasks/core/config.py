@@ -184,6 +184,10 @@ class PrepareConfig(Strict):
     # last_turn: the last reply's row only. auto: single_render or per_turn, by probing the template.
     multi_turn: Literal["auto", "per_turn", "last_turn", "single_render"] = "auto"
     eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    # A record longer than this (characters of text, or of all messages) goes to the rejects as
+    # `too_large` before any work: one document costs prepare about 0.13 GB of memory a million
+    # characters (bench/prepare_memory.py --line), so the default keeps one record under ~1.5 GB.
+    max_record_chars: PositiveInt = 10_000_000
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
     decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)

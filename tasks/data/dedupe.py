@@ -163,14 +163,29 @@ def minhash_signatures(shingles: np.ndarray, offsets: np.ndarray, num_perm: int,
     signatures = np.empty((len(offsets) - 1, num_perm), dtype=np.uint32)
     first = 0
     while first < len(offsets) - 1:
-        # as many whole texts as fit the batch, and always at least one
-        last = max(int(np.searchsorted(offsets, offsets[first] + _CHUNK_SHINGLES, side="right")) - 1, first + 1)
+        # as many whole texts as fit the batch; a text longer than a batch alone, in pieces
+        last = int(np.searchsorted(offsets, offsets[first] + _CHUNK_SHINGLES, side="right")) - 1
+        if last <= first:
+            signatures[first] = _long_text_signature(mixed[offsets[first] : offsets[first + 1]], a, b)
+            first += 1
+            continue
         lo, hi = int(offsets[first]), int(offsets[last])
         permuted = np.multiply.outer(a, mixed[lo:hi])  # (num_perm, shingles): reduceat is fast along rows
         permuted += b[:, None]
         signatures[first:last] = np.minimum.reduceat(permuted, offsets[first:last] - lo, axis=1).T
         first = last
     return signatures
+
+
+def _long_text_signature(mixed: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One text's signature, its shingles taken a batch at a time: a document of millions of words
+    would otherwise permute into a (num_perm, shingles) array of gigabytes."""
+    signature = np.full(len(a), np.iinfo(np.uint32).max, dtype=np.uint32)
+    for lo in range(0, len(mixed), _CHUNK_SHINGLES):
+        permuted = np.multiply.outer(a, mixed[lo : lo + _CHUNK_SHINGLES])
+        permuted += b[:, None]
+        np.minimum(signature, permuted.min(axis=1), out=signature)
+    return signature
 
 
 # --- near: LSH and confirmation -------------------------------------------------------------------
