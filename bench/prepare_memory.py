@@ -7,8 +7,9 @@ the whole file is one line with no paragraph breaks, the worst case for a raw-te
 default ordinary paragraphs of about 500 characters, as a scraped text file holds) and whose chat
 stages are small synthetic sets; the base is a tokenizer only (BPE trained on a sample of the
 text, as `base` trains the tiny one), so no model is built. `ingest` and `prepare` run in a child
-process; its peak resident memory (`ru_maxrss`) is the figure. Settings are printed with the
-figures (JSON), and written to bench/results/prepare_memory.json.
+process each, as DVC runs them; each one's peak resident memory (its own `ru_maxrss`) is a figure.
+A one-line document over `prepare.max_record_chars` (10M characters) is a `too_large` reject, not
+rows. Settings are printed with the figures (JSON), and written to bench/results/prepare_memory.json.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 import os
 import platform
-import resource
+import random
 import subprocess
 import sys
 import tempfile
@@ -27,29 +28,37 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-SENTENCE = "The quick brown fox number {i} jumps over the lazy dog near the river bank. "
+# Words of a made-up language (2 or 3 syllables): sentences drawn from them at random share no
+# 13-word run, so decontamination drops nothing and every document is tokenized (a repeated
+# English sentence made every document "contaminated" by the eval split's copy of it).
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "pe", "si", "du", "ba", "go"]
+WORDS = [a + b for a in SYLLABLES for b in SYLLABLES] + [a + b + c for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES]
+# One pipeline step in a fresh process, as DVC runs it; it prints its own peak RSS (KiB) and seconds.
 CHILD = """
-import sys, time, resource
+import json, sys, time, resource
 sys.path.insert(0, {project!r})
 from tasks.core.config import load_params
-from tasks.ingest import ingest_all
-from tasks.prepare import prepare_all
+from tasks.{step} import {step}_all
 params = load_params("params.yaml")
 started = time.perf_counter()
-ingest_all(params)
-prepare_all(params)
-print(time.perf_counter() - started)
+{step}_all(params)
+print(json.dumps({{"seconds": time.perf_counter() - started,
+                  "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
 """
 
 
 def write_document(path: Path, size_mb: float, one_line: bool) -> int:
-    """A raw-text file of about `size_mb` MB; one line, or paragraphs of about 500 characters."""
-    target, parts, n, i = int(size_mb * 1_000_000), [], 0, 0
-    while n < target:
-        sentence = SENTENCE.format(i=i)
-        parts.append(sentence if one_line or (i + 1) % 6 else sentence + "\n\n")
-        n, i = n + len(parts[-1]), i + 1
-    path.write_text("".join(parts))
+    """A raw-text file of about `size_mb` MB of random 12-word sentences (seeded); one line, or
+    paragraphs of 6 sentences (about 500 characters)."""
+    rng = random.Random(0)
+    target, n = int(size_mb * 1_000_000), 0
+    with path.open("w") as out:
+        while n < target:
+            words = rng.choices(WORDS, k=6 * 12)
+            sentences = [" ".join(words[i : i + 12]).capitalize() + "." for i in range(0, len(words), 12)]
+            block = " ".join(sentences) + (" " if one_line else "\n\n")
+            out.write(block)
+            n += len(block)
     return path.stat().st_size
 
 
@@ -76,19 +85,22 @@ def measure(size_mb: float, one_line: bool) -> dict:
         doc = root / "document.txt"
         size = write_document(doc, size_mb, one_line)
         make_project(root, doc)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", CHILD.format(project=str(PROJECT))], cwd=root,
-                              capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        report = json.loads((root / "metrics" / "data.json").read_text()) if done.returncode == 0 else {}
-    if done.returncode != 0:
-        return {"input_mb": round(size / 1e6, 2), "failed": done.stderr[-600:]}
+        steps = {}
+        for step in ("ingest", "prepare"):
+            done = subprocess.run([sys.executable, "-c", CHILD.format(project=str(PROJECT), step=step)], cwd=root,
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                return {"input_mb": round(size / 1e6, 2), "failed": f"{step}: {done.stderr[-600:]}"}
+            steps[step] = json.loads(done.stdout.strip().splitlines()[-1])
+        report = json.loads((root / "metrics" / "data.json").read_text())
+        rejects = (root / "data" / "prepared" / "embedding" / "rejects.jsonl").read_text().splitlines()
+        too_large = sum(json.loads(line)["reason"] == "too_large" for line in rejects if line.strip())
     emb = report.get("embedding", {})
-    return {"input_mb": round(size / 1e6, 2), "peak_rss_gb": round(peak_kib / 2**20, 3),
-            "peak_grew": peak_kib > before, "seconds": round(wall, 1),
-            "embedding_rows": emb.get("train_rows", 0) + emb.get("eval_rows", 0), "embedding_tokens": emb.get("train_tokens")}
+    return {"input_mb": round(size / 1e6, 2),
+            **{f"{step}_peak_rss_gb": round(r["peak_kib"] / 2**20, 3) for step, r in steps.items()},
+            **{f"{step}_seconds": round(r["seconds"], 1) for step, r in steps.items()},
+            "embedding_rows": emb.get("train_rows", 0) + emb.get("eval_rows", 0), "embedding_tokens": emb.get("train_tokens"),
+            "too_large_rejects": too_large}
 
 
 def main() -> int:
@@ -96,10 +108,9 @@ def main() -> int:
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[0.25, 1, 5, 20])
     parser.add_argument("--line", action="store_true", help="one line per file, no paragraph breaks")
     args = parser.parse_args()
-    # Children's ru_maxrss is the largest child so far: sizes go in increasing order so each is its own.
     results = [measure(size, args.line) for size in sorted(args.sizes_mb)]
     out = {"settings": {"document": "one line" if args.line else "paragraphs of ~500 characters",
-                        "tokenizer": "BPE, vocab 2000", "prepare.max_length": 256, "pretrain_overflow": "split",
+                        "tokenizer": "BPE, vocab 2000", "prepare.max_length": 256, "prepare.max_record_chars": 10_000_000, "pretrain_overflow": "split",
                         "cpus": os.cpu_count(), "python": platform.python_version()},
            "results": results}
     print(json.dumps(out, indent=2))

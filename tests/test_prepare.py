@@ -378,6 +378,17 @@ class TestColumnarRows:
             Record(r, {"source": s, "where": f"line {i}"}, content_hash(r)) for i, (r, s) in enumerate(zip(records, sources))])
         return split_rows(data, "train", unit_tokenizer, PrepareConfig(max_length=100))
 
+    def test_rows_written_a_row_group_at_a_time_read_back_as_the_whole_table(self, rows, tmp_path, monkeypatch):
+        from tasks.data import rows as rows_module
+
+        monkeypatch.setattr(rows_module, "ROW_GROUP_ROWS", 5)  # 12 rows: groups of 5, 5, 2
+        rows_module.write_rows(rows, prepared_schema(), tmp_path / "train.parquet")
+        written = pq.ParquetFile(tmp_path / "train.parquet")
+        assert written.metadata.num_row_groups == 3
+        assert written.read().to_pylist() == rows.table(prepared_schema()).to_pylist() == rows.to_dicts()
+        rows_module.write_rows(Rows.empty(), prepared_schema(), tmp_path / "empty.parquet")
+        assert pq.read_table(tmp_path / "empty.parquet").num_rows == 0
+
     @pytest.mark.parametrize("kind, policy", [("pretrain", "split"), ("pretrain", "truncate"), ("sft", "truncate"), ("sft", "drop")])
     def test_split_rows_match_the_row_dicts(self, unit_tokenizer, kind, policy):
         key = "pretrain_overflow" if kind == "pretrain" else "chat_overflow"

@@ -45,6 +45,11 @@ def _numbered_objects(path: Path) -> Iterator[tuple[int, dict]]:
             yield lineno, obj
 
 
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """The objects of a JSONL file one at a time (a step that keeps only what it makes of them)."""
+    return (obj for _, obj in _numbered_objects(Path(path)))
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """All objects in a JSONL file; RecordError on the first bad line."""
     return [obj for _, obj in _numbered_objects(Path(path))]

@@ -116,6 +116,12 @@ class Rows:
         grouped = Rows.concat([p.take(picked[part == k] - bounds[k]) for k, p in enumerate(parts)])
         return grouped.take(np.argsort(order))
 
+    def slice(self, start: int, stop: int) -> Rows:
+        """Rows start..stop-1, the token arrays as views (no copy)."""
+        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+        lists = {name: getattr(self, name)[start:stop] for name in ROW_LISTS}
+        return Rows(self.input_ids[lo:hi], self.labels[lo:hi], self.offsets[start : stop + 1] - lo, **lists)
+
     def with_hashes(self, content_hash: list[str]) -> Rows:
         return replace(self, content_hash=content_hash)
 
@@ -215,6 +221,22 @@ def packed_table(columns: PackedColumns):
     ]
     return pa.Table.from_arrays(arrays, schema=schema)
 
+
+
+ROW_GROUP_ROWS = 16_384  # rows converted to Arrow and written at a time by `write_rows`
+
+
+def write_rows(rows: Rows, schema, path: Path) -> None:
+    """`rows` as a Parquet file of `schema`, converted to Arrow a row group at a time: the whole
+    split as one Arrow table was a second copy of every text and token next to the rows."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for start in range(0, max(len(rows), 1), ROW_GROUP_ROWS):
+            writer.write_table(rows.slice(start, min(start + ROW_GROUP_ROWS, len(rows))).table(schema))
+    tmp.replace(path)
 
 
 def write_table(table, path: Path) -> None:
