@@ -104,13 +104,15 @@ def measure(size_mb: float, one_line: bool) -> dict:
 
 
 def main() -> int:
+    from tasks.core.config import load_params
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[0.25, 1, 5, 20])
     parser.add_argument("--line", action="store_true", help="one line per file, no paragraph breaks")
     args = parser.parse_args()
     results = [measure(size, args.line) for size in sorted(args.sizes_mb)]
     out = {"settings": {"document": "one line" if args.line else "paragraphs of ~500 characters",
-                        "tokenizer": "BPE, vocab 2000", "prepare.max_length": 256, "prepare.max_record_chars": 10_000_000, "pretrain_overflow": "split",
+                        "tokenizer": "BPE, vocab 2000", "prepare.max_length": 256, "prepare.max_record_chars": load_params(PROJECT / "params.yaml").prepare.max_record_chars, "pretrain_overflow": "split",
                         "cpus": os.cpu_count(), "python": platform.python_version()},
            "results": results}
     print(json.dumps(out, indent=2))

@@ -79,8 +79,10 @@ class StageData:
     rejects: list[Reject] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)  # "dropped.<reason>", "changed.<reason>", ...
 
-    def reject(self, record: Record, reason: str, detail: str, action: str = "dropped") -> None:
-        self.rejects.append(Reject(record.uri, record.where, reason, detail, record.content, action))  # type: ignore[arg-type]
+    def reject(self, record: Record, reason: str, detail: str, action: str = "dropped", shown: Any = None) -> None:
+        """`shown`: what the entry holds instead of the record's content (a part of a huge one)."""
+        stored = record.content if shown is None else shown
+        self.rejects.append(Reject(record.uri, record.where, reason, detail, stored, action))  # type: ignore[arg-type]
         self.counts[f"{action}.{reason}"] += 1
 
 
@@ -101,14 +103,14 @@ def clean_records(stage: str, spec: StageSpec, raw: Iterable[dict], cfg: Prepare
                   control: ControlTokens | None = None) -> tuple[StageData, list[Record]]:
     """Every record cleaned (changes logged) and hashed, in input order, before dedupe; one holding
     the text of one of `control`'s special tokens is rejected or stripped (`prepare.control_tokens`)."""
-    from tasks.data.clean import final_content, record_text
+    from tasks.data.clean import final_content, record_chars, record_text
 
     data = StageData(stage, spec)
     kept: list[Record] = []
     for obj in raw:
         origin = obj.get("origin") or {}
         record = Record({k: v for k, v in obj.items() if k != "origin"}, origin)
-        if (size := content_chars(record.content)) > cfg.max_record_chars:
+        if (size := record_chars(record.content)) > cfg.max_record_chars:
             reject_too_large(data, record, size, cfg)
             continue
         cleaned, reasons = final_content(record.content, cfg.clean)
@@ -141,14 +143,6 @@ def clean_records(stage: str, spec: StageSpec, raw: Iterable[dict], cfg: Prepare
     return data, kept
 
 
-def content_chars(content: dict) -> int:
-    """Characters of a record's text, or of all its messages' contents (without joining them)."""
-    if isinstance(content.get("text"), str):
-        return len(content["text"])
-    return sum(len(m["content"]) for m in content.get("messages") or []
-               if isinstance(m, dict) and isinstance(m.get("content"), str))
-
-
 def reject_too_large(data: StageData, record: Record, size: int, cfg: PrepareConfig) -> None:
     """A `too_large` reject: its entry holds the record's first characters (scrubbed when
     `clean.scrub_pii` is on), not a copy of the whole record; the origin says where the rest is."""
@@ -158,9 +152,7 @@ def reject_too_large(data: StageData, record: Record, size: int, cfg: PrepareCon
     detail = (f"{size:,} characters, over prepare.max_record_chars={cfg.max_record_chars:,}: cut the document "
               f"into smaller records (the text preset's `split: paragraphs` with `max_chars`) or raise the limit; "
               f"the entry shows its first {len(head):,} characters, the whole record is at {record.uri} {record.where}")
-    data.rejects.append(Reject(record.uri, record.where, "too_large", detail,
-                               scrub_value(head) if cfg.clean.scrub_pii else head))
-    data.counts["dropped.too_large"] += 1
+    data.reject(record, "too_large", detail, shown=scrub_value(head) if cfg.clean.scrub_pii else head)
 
 
 def dedupe_and_split(data: StageData, records: list[Record], cfg: PrepareConfig, seed: int) -> None:

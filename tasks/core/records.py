@@ -52,7 +52,7 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """All objects in a JSONL file; RecordError on the first bad line."""
-    return [obj for _, obj in _numbered_objects(Path(path))]
+    return list(iter_jsonl(path))
 
 
 def _fail(where: str, field: str, problem: str, reason: str) -> RecordError:

@@ -260,6 +260,14 @@ def final_content(record: dict, cfg: CleanConfig) -> tuple[dict, list[str]]:
     return clean_record(record, cfg)
 
 
+def record_chars(record: dict) -> int:
+    """`len(record_text(record))` less the newlines between messages, without joining them."""
+    if isinstance(record.get("text"), str):
+        return len(record["text"])
+    messages = record.get("messages") or []
+    return sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+
+
 def record_text(record: dict) -> str:
     """The text dedupe and decontamination compare: `text`, or the messages' contents joined by newlines."""
     if isinstance(record.get("text"), str):
