@@ -47,6 +47,7 @@ from tasks.core import paths
 from tasks.core.chat import IGNORE_INDEX, ChatTemplateError, Encoded, row_ends
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, PrepareConfig, StageSpec, load_params
+from tasks.core.heap import release_free_memory
 from tasks.core.records import (
     canonical_json,
     iter_jsonl,
@@ -127,9 +128,8 @@ def clean_records(stage: str, spec: StageSpec, raw: Iterable[dict], cfg: Prepare
         elif reasons:  # reported but left as is (e.g. U+FFFD: the original character is unknowable)
             data.counts.update(f"flagged.{r}" for r in reasons)
         record.plain_text = record_text(record.content)  # type: ignore[misc] - fills the cached property
-        record.canonical = canonical_json(record.content)
         # = content_hash(record.content), the hash tasks/data/split.py decides the split by
-        record.digest = hashlib.sha256(record.canonical.encode("utf-8")).hexdigest()
+        record.digest = hashlib.sha256(canonical_json(record.content).encode("utf-8")).hexdigest()
         if control is not None and (hits := control.found(record.content)):
             if cfg.control_tokens == "reject":
                 data.reject(record, CONTROL_TOKEN, describe_control(hits, "reject"))
@@ -137,7 +137,6 @@ def clean_records(stage: str, spec: StageSpec, raw: Iterable[dict], cfg: Prepare
             data.reject(record, CONTROL_TOKEN, describe_control(hits, "strip"), "changed")
             # The digest stays the cleaned record's: `base` decided its split on that (split.py).
             record.content = control.stripped(record.content)
-            record.canonical = canonical_json(record.content)
             record.plain_text = record_text(record.content)  # type: ignore[misc]
         kept.append(record)
     return data, kept
@@ -280,15 +279,15 @@ def _trains(labels: np.ndarray, start: int, a: int, b: int) -> bool:
     return bool((labels[start + a : start + b] != IGNORE_INDEX).any())
 
 
-def _row_fields(record: Record, split: str, stage: str, upto: int | None = None) -> dict[str, str]:
+def _row_fields(record: Record, split: str, stage: str, upto: int | None = None) -> dict[str, Any]:
     """The columns a record gives each of its rows, apart from tokens, hash and text. `upto`: the
     row holds only the first `upto` messages (a row per reply): its conversation, roles and reply
     are those, so evaluation scores each reply once, from the history it was trained after."""
     messages = record.content.get("messages") or []
-    record_json = record.canonical or canonical_json(record.content)
+    record_json: dict = record.content  # written as its canonical JSON (Rows.column)
     if upto is not None and upto < len(messages):
         messages = messages[:upto]
-        record_json = canonical_json(record.content | {"messages": messages})
+        record_json = record.content | {"messages": messages}
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     return {
         "split": split,
@@ -312,7 +311,7 @@ def split_rows(data: StageData, split: str, tokenizer, cfg: PrepareConfig,
     kind = data.spec.kind
     encoded = encode_records(tokenizer, kind, records, cfg.multi_turn) if encoded is None else encoded
     pieces: list[Located] = []
-    columns: dict[str, list[str]] = {name: [] for name in ROW_LISTS}
+    columns: dict[str, list[Any]] = {name: [] for name in ROW_LISTS}
     chats = kind != "pretrain"
     whole_records = not chats or encoded.multi_turn in (None, "single_render")  # one row per record, all of it
     for record in records:
@@ -349,7 +348,7 @@ def split_rows(data: StageData, split: str, tokenizer, cfg: PrepareConfig,
                 text = batch.texts[index] if whole else _decode(tokenizer, batch.input_ids[start + a : start + b])
                 columns["text"].append(text)
                 for name, value in fields.items():
-                    columns[name].append(canonical_json({"text": text}) if pieces_own_record and name == "record_json" else value)
+                    columns[name].append({"text": text} if pieces_own_record and name == "record_json" else value)
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum([b - a for _, _, a, b in pieces], out=offsets[1:])
     return Rows(concat_arrays([batch.input_ids[a:b] for batch, _, a, b in pieces]),
@@ -525,6 +524,7 @@ def prepare_all(params: Params) -> list[PreparedStage]:
             stages = clean_split_and_encode(raw, params.prepare, params.seed, encoder, ControlTokens.of(tokenizer))
             log.info("prepare: cleaned, deduplicated, split and decontaminated %d stages in %.1f s",
                      len(stages), time.perf_counter() - started)
+            release_free_memory()  # the dedupe and n-gram indexes' pages, before the rows are built
             results = finish_stages(stages, encoder, writing, params.prepare, params.seed)
     finally:
         tokenizing.shutdown()
@@ -551,6 +551,7 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
         multi_turn = encoded.multi_turn
         del encoded
         data.train, data.eval = [], []
+        release_free_memory()
         encoded_at = time.perf_counter()
         weights = {str(i): s.weight for i, s in enumerate(data.spec.data.sources)}
         train, weight_counts = weight_rows(train, weights, data.stage, seed)
@@ -561,8 +562,9 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
         train = Rows.concat([train, replayed]) if replay else train
         packing = None
         if cfg.packing.enabled:
-            packed, stats = pack_rows(train, cfg.packing.row_length or cfg.max_length)
-            writes.append(writing.submit(write_table, packed, paths.packed_file(data.stage)))
+            row_length = cfg.packing.row_length or cfg.max_length
+            packed, stats = pack_rows(train, row_length)
+            writes.append(writing.submit(write_table, packed, paths.packed_file(data.stage), row_length))
             packing = stats.to_json()
         writes.append(writing.submit(write_rows, train, prepared_schema(), paths.prepared_file(data.stage, "train")))
         writes.append(writing.submit(write_rows, eval_rows, prepared_schema(), paths.prepared_file(data.stage, "eval")))

@@ -164,7 +164,7 @@ class TestQwen3Template:
         assert rows.roles == ["system,user,assistant", "system,user,assistant,user,assistant", "user,assistant"]
         assert rows.last_reply == [THINK1["content"], THINK2["content"], A1["content"]]
         # each row's conversation is the one it trains the last reply of: evaluation scores each reply once
-        assert [json.loads(r) for r in rows.record_json] == [{"messages": [SYSTEM, Q1, THINK1]}, contents[0], contents[1]]
+        assert [json.loads(r) for r in rows.column("record_json")] == [{"messages": [SYSTEM, Q1, THINK1]}, contents[0], contents[1]]
         assert rows.origin == ["u.jsonl line 1", "u.jsonl line 1", "u.jsonl line 2"]
         decoded = [qwen3.decode(rows.labels[a:b][rows.labels[a:b] != IGNORE_INDEX])
                    for a, b in zip(rows.offsets[:-1], rows.offsets[1:])]

@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -307,6 +308,19 @@ class TestPrepareAll:
         assert ins["train_rows"] - ins["train_rows_replayed"] + ins["eval_rows"] == 40
         assert ins["sources"] == [{"path": "data/sources/instructions.jsonl", "preset": "messages", "records": 42}]
 
+    def test_packed_rows_are_written_in_row_groups_of_a_token_budget(self, project, monkeypatch):
+        """One row group of a large stage's packed rows held all of its encoded pages at once."""
+        from tasks.data import rows as rows_module
+
+        prepare_all(project)
+        whole = {s: pq.read_table(paths.packed_file(s)).to_pylist() for s in project.stages}
+        monkeypatch.setattr(rows_module, "ROW_GROUP_TOKENS", 512)  # two 256-token rows a group
+        prepare_all(project)
+        for stage, rows in whole.items():
+            written = pq.ParquetFile(paths.packed_file(stage))
+            assert written.metadata.num_row_groups == -(-len(rows) // 2)
+            assert written.read().to_pylist() == rows
+
     def test_same_inputs_same_bytes(self, project):
         prepare_all(project)
         first = {p: p.read_bytes() for p in sorted(Path("data/prepared").rglob("*")) if p.is_file()}
@@ -412,9 +426,22 @@ class TestColumnarRows:
         rows = split_rows(StageData("s", SPECS["embedding"], train=[record]), "train", unit_tokenizer,
                           PrepareConfig(max_length=256, min_tokens=1))
         assert len(rows) > 100
-        stored = sum(len(r) for r in rows.record_json) + sum(len(t) for t in rows.text)
+        stored = sum(len(r) for r in rows.column("record_json")) + sum(len(t) for t in rows.text)
         assert stored < 3 * len(doc)
-        assert "".join(json.loads(r)["text"] for r in rows.record_json) == "".join(rows.text)
+        assert "".join(json.loads(r)["text"] for r in rows.column("record_json")) == "".join(rows.text)
+
+    def test_segment_sums_are_per_row_sums_empty_rows_included(self, monkeypatch):
+        from tasks.data import rows as rows_module
+        from tasks.data.rows import segment_sums
+
+        monkeypatch.setattr(rows_module, "SUM_BLOCK", 4)  # rows across block edges
+        rng = np.random.default_rng(0)
+        for _ in range(500):
+            lengths = rng.integers(0, 4, size=rng.integers(0, 20))
+            offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+            values = rng.random(offsets[-1]) < 0.5
+            expected = [int(values[a:b].sum()) for a, b in zip(offsets[:-1], offsets[1:])]
+            assert segment_sums(values, offsets).tolist() == expected
 
     def test_take_concat_and_take_across(self, rows):
         dicts = rows.to_dicts()

@@ -24,8 +24,7 @@ class Record:
 
     content: dict  # {"text"} or {"messages"}
     origin: dict  # {"source": index | "synthetic", "uri"?, "where"}
-    digest: str = ""
-    canonical: str = ""  # canonical JSON of content: hashed for the split, stored as record_json
+    digest: str = ""  # sha256 of the content's canonical JSON: what the split is decided by
 
     @functools.cached_property
     def plain_text(self) -> str:
@@ -48,6 +47,26 @@ STRING_COLUMNS = ("content_hash", "split", "record_json", "source_stage", "text"
 ROW_LISTS = (*STRING_COLUMNS, "source")
 
 
+SUM_BLOCK = 1 << 22  # values counted at a time by `segment_sums`: 32 MB of int64 running sums
+
+
+def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The sum of `values[offsets[i]:offsets[i + 1]]` for each i, as int64 (0 for an empty segment).
+
+    A running sum over a block of values at a time: one over all of them (or numpy's cast of them
+    all to int64, as `reduceat` does) is 8 bytes per token at once."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    before = np.zeros(len(offsets), dtype=np.int64)  # the sum of the values before each offset
+    done = 0
+    for lo in range(0, len(values), SUM_BLOCK):
+        running = done + np.cumsum(values[lo : lo + SUM_BLOCK], dtype=np.int64)
+        hi = lo + len(running)
+        inside = slice(np.searchsorted(offsets, lo, "right"), np.searchsorted(offsets, hi, "right"))
+        before[inside] = running[offsets[inside] - lo - 1]
+        done = int(running[-1])
+    return np.diff(before)
+
+
 def concat_arrays(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
 
@@ -64,7 +83,7 @@ class Rows:
     offsets: np.ndarray  # int64, len(rows) + 1
     content_hash: list[str]
     split: list[str]
-    record_json: list[str]
+    record_json: list[str | dict]  # a dict: the record's content, as canonical JSON once written (`column`)
     source_stage: list[str]  # the stage the row came from (differs for replayed rows)
     text: list[str]
     roles: list[str]
@@ -85,9 +104,9 @@ class Rows:
 
     @property
     def n_trainable(self) -> np.ndarray:
-        trained = np.zeros(len(self.labels) + 1, dtype=np.int64)
-        np.cumsum(self.labels != IGNORE_INDEX, out=trained[1:])
-        return trained[self.offsets[1:]] - trained[self.offsets[:-1]]
+        """Trained tokens per row. Summed row by row: a running count over all tokens was an int64
+        per token (280 MB for a 200 MB text's 35M tokens, on top of the rows)."""
+        return segment_sums(self.labels != IGNORE_INDEX, self.offsets)
 
     def take(self, indices: Sequence[int]) -> Rows:
         """The rows at `indices`, in that order (repeats allowed)."""
@@ -122,6 +141,16 @@ class Rows:
         lists = {name: getattr(self, name)[start:stop] for name in ROW_LISTS}
         return Rows(self.input_ids[lo:hi], self.labels[lo:hi], self.offsets[start : stop + 1] - lo, **lists)
 
+    def column(self, name: str) -> list[str]:
+        """A string column as written. `record_json` holds the record's content (a dict) until then:
+        its JSON string kept from cleaning to writing was a second copy of every text in memory."""
+        values = getattr(self, name)
+        if name != "record_json":
+            return values
+        from tasks.core.records import canonical_json
+
+        return [v if isinstance(v, str) else canonical_json(v) for v in values]
+
     def with_hashes(self, content_hash: list[str]) -> Rows:
         return replace(self, content_hash=content_hash)
 
@@ -138,13 +167,14 @@ class Rows:
             "n_trainable": pa.array(n_trainable, type=pa.int64()),
             "trainable_share": pa.array(n_trainable / np.maximum(n_tokens, 1), type=pa.float64()),
         }
-        columns |= {name: pa.array(getattr(self, name), type=pa.string()) for name in STRING_COLUMNS}
+        columns |= {name: pa.array(self.column(name), type=pa.string()) for name in STRING_COLUMNS}
         return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
     def to_dicts(self) -> list[dict]:
         """One dict per row with the written fields; token lists as Python lists."""
         n_tokens, n_trainable = self.n_tokens.tolist(), self.n_trainable.tolist()
         bounds = self.offsets.tolist()
+        strings = {name: self.column(name) for name in STRING_COLUMNS}
         rows = []
         for i in range(len(self)):
             lo, hi = bounds[i], bounds[i + 1]
@@ -154,7 +184,7 @@ class Rows:
                 "n_tokens": n_tokens[i],
                 "n_trainable": n_trainable[i],
                 "trainable_share": n_trainable[i] / max(n_tokens[i], 1),
-                **{name: getattr(self, name)[i] for name in STRING_COLUMNS},
+                **{name: strings[name][i] for name in STRING_COLUMNS},
             })
         return rows
 
@@ -224,6 +254,7 @@ def packed_table(columns: PackedColumns):
 
 
 ROW_GROUP_ROWS = 16_384  # rows converted to Arrow and written at a time by `write_rows`
+ROW_GROUP_TOKENS = 2_000_000  # tokens per row group of a packed table (`write_table`)
 
 
 def write_rows(rows: Rows, schema, path: Path) -> None:
@@ -239,12 +270,15 @@ def write_rows(rows: Rows, schema, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_table(table, path: Path) -> None:
+def write_table(table, path: Path, row_tokens: int = 1) -> None:
+    """`table` as a Parquet file in row groups of about ROW_GROUP_TOKENS tokens (rows of `row_tokens`):
+    the writer holds a whole row group's encoded pages until it closes, and one group of a 200 MB
+    text's packed rows was half a GB."""
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, ROW_GROUP_TOKENS // max(row_tokens, 1)))
     tmp.replace(path)
 
 
