@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tasks.core.config import ConfigError, parse_params
+from tasks.core.config import ConfigError, load_params, parse_params
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -39,14 +39,22 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
-    """Validate `overrides` against the typed config, then write them into params_file."""
-    from ruamel.yaml import YAML
-
+def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """ConfigError unless params_file with `overrides` applied is valid config (nothing is written)."""
+    if not overrides:
+        load_params(params_file)
+        return
     plain = yaml.safe_load(params_file.read_text()) or {}
     for key, value in overrides.items():
         set_dotted(plain, key, copy.deepcopy(value))
     parse_params(plain, f"{params_file} with overrides {sorted(overrides)}")
+
+
+def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Validate `overrides` against the typed config, then write them into params_file."""
+    from ruamel.yaml import YAML
+
+    check_overrides(params_file, overrides)
 
     rt = YAML()  # round-trip: keeps comments and key order
     rt.preserve_quotes = True

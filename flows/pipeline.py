@@ -22,7 +22,7 @@ from typing import Any
 # RunParameters at module level, though only the flow uses it: Prefect resolves the flow's
 # annotations (the UI's form) in this module's namespace.
 from flows import dvc_stages, remote
-from flows.overrides import apply_overrides, parse_assignment
+from flows.overrides import apply_overrides, check_overrides, parse_assignment
 from flows.run_parameters import RunParameters
 from tasks.core.config import ConfigError, load_params
 
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # before Prefect is imported: `--help` and usage errors answer at once
     try:
         overrides = dict(parse_assignment(a) for a in args.assignments)
+        # Bad config fails here, in a second, not after Prefect has started its temporary server.
+        check_overrides(Path(args.params), overrides)
         outcomes = _flow_and_tasks().pipeline(overrides=overrides or None, params_file=args.params)
     except (ConfigError, dvc_stages.StageFailed, remote.RemoteError) as exc:
         print(f"pipeline: {exc}", file=sys.stderr)

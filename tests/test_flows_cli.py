@@ -36,6 +36,19 @@ def test_help_answers_with_usage():
     assert done.stdout.startswith("usage:") and "--set KEY=VALUE" in done.stdout
 
 
+def test_a_bad_override_fails_before_prefect_starts(tmp_path):
+    """Config errors answer at once: no temporary Prefect server is started to report them."""
+    params = tmp_path / "params.yaml"
+    params.write_text((PROJECT / "params.yaml").read_text())
+    done = python("-c", "import sys, flows.pipeline as p; code = p.main(sys.argv[1:]); "
+                  "print('prefect' in sys.modules); sys.exit(code)",
+                  "--params", str(params), "--set", "stages.syntax.train.learning_rate=-1")
+    assert done.returncode == 1
+    assert "stages.syntax.train.learning_rate" in done.stderr
+    assert done.stdout.strip() == "False"
+    assert params.read_text() == (PROJECT / "params.yaml").read_text()
+
+
 @pytest.mark.parametrize("entrypoint", ENTRYPOINTS)
 def test_deployment_entrypoints_load_as_prefect_flows(entrypoint, monkeypatch):
     from prefect.flows import Flow, load_flow_from_entrypoint
