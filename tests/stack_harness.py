@@ -85,6 +85,17 @@ class Stack:
                 time.sleep(3)
         raise AssertionError(f"flow run {flow_run_id} not finished after {timeout:.0f} s; logs in {self.home / 'logs'}")
 
+    def wait_until_running(self, flow_run_id, timeout: float = 300):
+        """Until the flow run is Running (holds the deployment's slot) or has already ended."""
+        deadline = time.monotonic() + timeout
+        with self.prefect() as client:
+            while time.monotonic() < deadline:
+                run = client.read_flow_run(flow_run_id)
+                if run.state and (run.state.is_running() or run.state.is_final()):
+                    return run
+                time.sleep(1)
+        raise AssertionError(f"flow run {flow_run_id} not started after {timeout:.0f} s; logs in {self.home / 'logs'}")
+
     def task_runs(self, flow_run_id) -> dict[str, str]:
         """Task run name -> state name, for one flow run."""
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

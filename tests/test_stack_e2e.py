@@ -91,21 +91,18 @@ def test_a_fresh_clone_pulls_and_finds_nothing_to_do(stack, first_run, tmp_path)
     assert (tmp_path / "fresh" / "models" / "instructions" / "adapter_model.safetensors").is_file()
 
 
-def test_two_runs_triggered_at_once_wait_in_line(stack, first_run):
-    runs = [stack.trigger({}), stack.trigger({})]
-    done = [stack.wait(r.id) for r in runs]
-    assert [r.state.name for r in done] == ["Completed", "Completed"]
-    first, second = sorted(done, key=lambda r: r.start_time)
-    assert first.end_time <= second.start_time  # the deployment's concurrency limit of 1
-
-
-def test_a_failing_stage_fails_the_run_naming_it_and_a_rerun_resumes_there(stack, first_run):
-    failed = stack.wait(stack.trigger({"params": {"set": {"export.max_kl": 1e-12}}}).id)
+def test_a_failing_stage_fails_the_run_naming_it_and_a_rerun_queued_behind_it_resumes_there(stack, first_run):
+    """The fix is triggered while the failing run is running: the deployment's concurrency limit of
+    1 makes it wait in line, then it resumes where the failed run stopped."""
+    failing = stack.trigger({"params": {"set": {"export.max_kl": 1e-12}}})
+    stack.wait_until_running(failing.id)  # it holds the slot: the fix cannot overtake it
+    fix = stack.trigger({"params": {"set": {"export.max_kl": 0.02}}})
+    failed, resumed = stack.wait(failing.id), stack.wait(fix.id)
     assert failed.state.name == "Failed"
     assert "stage export failed" in failed.state.message
     tasks = stack.task_runs(failed.id)
     assert tasks["export"] == "Failed" and "register" not in tasks
-    resumed = stack.wait(stack.trigger({"params": {"set": {"export.max_kl": 0.02}}}).id)  # the fix
+    assert failed.end_time <= resumed.start_time  # in line, not side by side
     assert resumed.state.name == "Completed", resumed.state.message
     tasks = stack.task_runs(resumed.id)
     assert {tasks[s] for s in STAGES[:8]} == {"Skipped"}  # everything before export was kept
