@@ -26,11 +26,13 @@ Memory arithmetic for the flagship at the default ranks (`--estimate` prints it;
                     adapters in fp32)                                                  5.14 GB
   optimizer         8-bit AdamW, 2 bytes a param: 1.29 GB, paged (CUDA managed memory:
                     evictable to the host, and not counted by torch.cuda.max_memory_allocated)
-  transient         logits at 2048 x 151936 (bf16, fp32 copy for the loss, its gradient) ~3.1 GB;
+  transient         logits at 2048 x 151936 (bf16, fp32 copy for the loss, its gradient) ~3.1 GB,
+                    or one chunk's under train.loss_chunk_tokens (default 1024: ~1.6 GB);
                     one layer's experts dequantized with LoRA folded in, and that weight's
                     gradient, during its recompute ~2.4 GB; checkpointed layer inputs ~0.4 GB
-Estimated peak allocated ~25.3 GB (23.6 GiB): weights ~16.7 GB, LoRA state ~5.1 GB, then the larger
-of the two transients (they do not overlap) and the checkpoints. So at r 16 on every expert the goal
+Estimated peak allocated ~24.7 GB with the chunked loss (25.3 GB with full logits,
+`--loss-chunk-tokens 0`): weights ~16.7 GB, LoRA state ~5.1 GB, then the larger of the two
+transients (they do not overlap; chunked, the experts' is the larger) and the checkpoints. So at r 16 on every expert the goal
 (peak <= 20 GiB) is not expected to hold; the run measures it (`goal.met` in the JSON). Unlike
 `tasks.core.adapters.attach_adapter`, no `prepare_model_for_kbit_training`: it would upcast embeddings, LM
 head, norms and router to fp32 (+1.27 GB here).
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel, Qwen3MoeConfig
 
-    from tasks.core.config import LoraConfig
+    from tasks.core.config import LoraConfig, TrainConfig
 
 GOAL_PEAK_GIB = 20.0
 DEFAULT_OUT = PROJECT / "bench" / "results" / "gpu_qlora.json"
@@ -87,6 +89,7 @@ class BenchSettings:
     warmup: int  # untimed steps before them
     attention_rank: int
     expert_rank: int
+    loss_chunk_tokens: int | None = None  # params.yaml train.loss_chunk_tokens (tasks/core/lm_loss.py)
     learning_rate: float = 2e-4
     seed: int = 0
 
@@ -316,8 +319,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Te
     """One full step on one batch; its loss as a float (reading it waits for the step to finish)."""
     import torch
 
+    from tasks.core.lm_loss import chunked_loss
+
     autocast = torch.autocast(settings.device, dtype=torch.bfloat16) if settings.dtype_name == "bf16" else nullcontext()
-    with autocast:
+    with autocast, chunked_loss(model, settings.loss_chunk_tokens):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     optimizer.step()
@@ -408,8 +413,10 @@ def lora_parameter_count(config: Qwen3MoeConfig, attention_rank: int, expert_ran
     return {"attention": attention * layers, "experts": experts * layers}
 
 
-def memory_estimate(config: Qwen3MoeConfig, attention_rank: int, expert_rank: int, tokens: int) -> dict[str, float]:
-    """The module docstring's arithmetic, in GB (1e9 bytes): what is resident and what comes and goes."""
+def memory_estimate(config: Qwen3MoeConfig, attention_rank: int, expert_rank: int, tokens: int,
+                    loss_chunk_tokens: int | None = None) -> dict[str, float]:
+    """The module docstring's arithmetic, in GB (1e9 bytes): what is resident and what comes and goes.
+    The logits are all `tokens`' at once, or one chunk's under `loss_chunk_tokens`."""
     h, inter, layers = config.hidden_size, config.moe_intermediate_size, config.num_hidden_layers
     expert_params = layers * config.num_experts * 3 * h * inter
     heads_dim = (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
@@ -422,7 +429,7 @@ def memory_estimate(config: Qwen3MoeConfig, attention_rank: int, expert_rank: in
         "attention_nf4": attention_params * NF4_BYTES_PER_PARAM / gb,
         "embeddings_router_norms_bf16": bf16_params * 2 / gb,
         "lora_fp32_params_and_grads": lora * 8 / gb,
-        "logits_transient": tokens * config.vocab_size * (2 + 4 + 4) / gb,
+        "logits_transient": min(tokens, loss_chunk_tokens or tokens) * config.vocab_size * (2 + 4 + 4) / gb,
         "one_layer_experts_dequantized_and_grad": expert_params / layers * 2 * 2 / gb,
         "checkpointed_layer_inputs": layers * tokens * h * 2 / gb,
     }
@@ -447,7 +454,8 @@ def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module,
     build_peak, resident = peak_gib(settings.device), allocated_gib(settings.device)
     model = adapt(model, settings, lora)
     resident_with_lora = allocated_gib(settings.device)
-    report = run_preflight(model, "nf4", expects_experts=True, batch_size=settings.batch_size, seq_len=settings.seq_len)
+    report = run_preflight(model, "nf4", expects_experts=True, batch_size=settings.batch_size, seq_len=settings.seq_len,
+                           loss_chunk_tokens=settings.loss_chunk_tokens)
     check_preflight(report)
     check_lora_counts(report, model.config, settings)
     reset_peak(settings.device)
@@ -483,8 +491,9 @@ def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module,
         "goal": {"peak_train_gib_at_most": GOAL_PEAK_GIB,
                  "met": None if train_peak is None else train_peak <= GOAL_PEAK_GIB},
         "expected_lora_parameters": lora_parameter_count(config, settings.attention_rank, settings.expert_rank),
+        "loss_chunk_tokens": settings.loss_chunk_tokens,
         "estimate_gb": memory_estimate(config, settings.attention_rank, settings.expert_rank,
-                                       settings.batch_size * settings.seq_len),
+                                       settings.batch_size * settings.seq_len, settings.loss_chunk_tokens),
         "versions": versions(),
         "preflight": report.to_dict(),
     }
@@ -539,6 +548,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--attention-rank", type=int, default=None, help="default: params.yaml train.lora.r")
     parser.add_argument("--expert-rank", type=int, default=None, help="default: params.yaml train.lora.r")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=None,
+                        help="default: params.yaml train.loss_chunk_tokens; 0: full logits (the model's own loss)")
     parser.add_argument("--params", type=Path, default=PROJECT / "params.yaml")
     parser.add_argument("--out", type=Path, default=None, help=f"default: {DEFAULT_OUT.relative_to(PROJECT)} for flagship")
     parser.add_argument("--estimate", action="store_true", help="print the memory arithmetic and exit (no GPU needed)")
@@ -550,11 +561,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def settings_from(args: argparse.Namespace, lora: LoraConfig, device: str) -> BenchSettings:
+def loss_chunk(args: argparse.Namespace, train: TrainConfig) -> int | None:
+    """--loss-chunk-tokens, else params.yaml's; 0 or null: full logits."""
+    return (train.loss_chunk_tokens if args.loss_chunk_tokens is None else args.loss_chunk_tokens) or None
+
+
+def settings_from(args: argparse.Namespace, train: TrainConfig, device: str) -> BenchSettings:
+    lora = train.lora
     return BenchSettings(
         config_name=args.config, device=device, dtype_name=args.dtype or ("bf16" if device == "cuda" else "fp32"),
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
         attention_rank=args.attention_rank or lora.r, expert_rank=args.expert_rank or lora.r,
+        loss_chunk_tokens=loss_chunk(args, train),
     )
 
 
@@ -562,12 +580,14 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.core.config import load_params
 
     args = parse_args(argv)
-    lora = load_params(args.params).train.lora
+    train = load_params(args.params).train
+    lora = train.lora
     if args.estimate:
         config, ranks = CONFIGS[args.config](), (args.attention_rank or lora.r, args.expert_rank or lora.r)
-        estimate = {"attention_rank": ranks[0], "expert_rank": ranks[1],
+        chunk = loss_chunk(args, train)
+        estimate = {"attention_rank": ranks[0], "expert_rank": ranks[1], "loss_chunk_tokens": chunk,
                     "lora_parameters": lora_parameter_count(config, *ranks),
-                    "gb": memory_estimate(config, *ranks, args.batch_size * args.seq_len)}
+                    "gb": memory_estimate(config, *ranks, args.batch_size * args.seq_len, chunk)}
         print(json.dumps(estimate, indent=2))
         return 0
     try:
@@ -575,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     except GpuRequired as exc:
         print(exc, file=sys.stderr)
         return 2
-    _, result = run_benchmark(settings_from(args, lora, device), lora)
+    _, result = run_benchmark(settings_from(args, train, device), lora)
     print(summary(result))
     out = args.out or (DEFAULT_OUT if args.config == "flagship" else None)
     if out is None:

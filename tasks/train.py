@@ -102,6 +102,7 @@ def stage_schedule(job: TrainJob, on_gpu: bool) -> Schedule:
         gradient_checkpointing=job.train.gradient_checkpointing,
         optimizer=resolve_optimizer(job.train.optimizer, on_gpu),
         liger_kernels=resolve_liger(job.train.liger_kernels, on_gpu),
+        loss_chunk_tokens=job.train.loss_chunk_tokens,
     )
 
 
@@ -153,6 +154,7 @@ def preflight_stage(model, job: TrainJob) -> None:
         batch_size=job.spec.train.batch_size,
         seq_len=job.max_length,
         memory_limit_bytes=int(limit * 2**30) if limit else None,
+        loss_chunk_tokens=job.train.loss_chunk_tokens,
     )
     if is_main_process():
         write_json(paths.adapter_dir(job.stage) / PREFLIGHT_FILE, report.to_dict())

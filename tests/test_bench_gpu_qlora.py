@@ -133,6 +133,17 @@ class TestFlagship:
         assert "needs a CUDA GPU" in done.stderr and "--config tiny --device cpu" in done.stderr
         assert "Traceback" not in done.stderr
 
+    def test_estimate_counts_one_chunk_of_logits_under_the_chunked_loss(self, capsys):
+        assert main(["--estimate", "--loss-chunk-tokens", "0"]) == 0
+        full = json.loads(capsys.readouterr().out)
+        assert main(["--estimate"]) == 0  # params.yaml's train.loss_chunk_tokens
+        chunked = json.loads(capsys.readouterr().out)
+        chunk = load_params(ROOT / "params.yaml").train.loss_chunk_tokens
+        assert (full["loss_chunk_tokens"], chunked["loss_chunk_tokens"]) == (None, chunk)
+        assert full["gb"]["logits_transient"] == pytest.approx(2048 * 151_936 * 10 / 1e9, abs=1e-3)
+        assert chunked["gb"]["logits_transient"] == pytest.approx(chunk * 151_936 * 10 / 1e9, abs=1e-3)
+        assert chunked["gb"]["estimated_peak_allocated"] < full["gb"]["estimated_peak_allocated"]
+
     def test_estimate_is_the_flagship_arithmetic(self, capsys):
         assert main(["--estimate"]) == 0
         estimate = json.loads(capsys.readouterr().out)

@@ -61,6 +61,7 @@ PARAM_CHANGES: dict[str, tuple[Any, set[str]]] = {
     "train.quantization": ("nf4", TRAIN_STAGES | {"evaluate", "register"}),
     "train.lora.r": (4, TRAIN_STAGES | {"register"}),
     "train.gradient_checkpointing": (True, {"register"}),  # same results by design: nothing re-trains
+    "train.loss_chunk_tokens": (None, {"register"}),  # same results by design (tests/test_lm_loss.py)
     "prepare.clean.scrub_pii": (True, {"base", "prepare", "register"}),
     "prepare.eval_fraction": (0.2, {"base", "prepare", "register"}),
     "prepare.control_tokens": ("strip", {"prepare", "register"}),

@@ -145,6 +145,21 @@ def test_estimate_over_the_memory_limit_fails(base):
     assert bigger.estimated_peak_bytes > report.estimated_peak_bytes and bigger.problems == []
 
 
+def test_the_chunked_loss_bounds_the_logits_term_and_the_terms_add_up(base):
+    model = with_lora(load_base_model(base, "none"))
+    vocab = model.config.vocab_size
+    full = run_preflight(model, "none", expects_experts=True, batch_size=4, seq_len=64)
+    chunked = run_preflight(model, "none", expects_experts=True, batch_size=4, seq_len=64, loss_chunk_tokens=16)
+    assert full.estimated_terms["logits"] == 4 * 64 * vocab * 8  # fp32 logits and their gradient, every token
+    assert chunked.estimated_terms["logits"] == 16 * vocab * 8  # one chunk's
+    assert {k: v for k, v in chunked.estimated_terms.items() if k != "logits"} == {
+        k: v for k, v in full.estimated_terms.items() if k != "logits"}
+    assert chunked.estimated_peak_bytes == sum(chunked.estimated_terms.values())
+    assert "logits" in chunked.summary() and "adapter_and_optimizer" in chunked.summary()
+    over = run_preflight(model, "none", expects_experts=True, batch_size=4, seq_len=64, memory_limit_bytes=2**20)
+    assert "train.loss_chunk_tokens" in over.problems[0]  # named as a lever where it is off
+
+
 @pytest.mark.parametrize(
     ("name", "part"),
     [

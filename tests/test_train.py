@@ -111,6 +111,32 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_steps(in_p
     assert [row["loss"] for row in recomputed] == pytest.approx([row["loss"] for row in plain], abs=1e-4)
 
 
+def test_a_stage_trains_the_same_steps_with_the_chunked_loss(in_project, monkeypatch):
+    """train.loss_chunk_tokens through the real Trainer: same losses step by step as full logits."""
+    from tasks.core import lm_loss
+
+    chunks = {"n": 0}
+    chunk_loss = lm_loss._chunk_loss_sum
+
+    def counting(*args):
+        chunks["n"] += 1
+        return chunk_loss(*args)
+
+    monkeypatch.setattr(lm_loss, "_chunk_loss_sum", counting)
+    params = tiny_params()
+
+    def with_chunk(chunk):
+        return params.model_copy(update={"train": params.train.model_copy(update={"loss_chunk_tokens": chunk})})
+
+    full = train_step.train_stage("embedding", with_chunk(None)).summary.history
+    assert chunks["n"] == 0
+    chunked = train_step.train_stage("embedding", with_chunk(16)).summary.history
+    assert chunks["n"] > 2 * len(chunked)  # the Trainer's steps went through the chunks (backward: again)
+    assert len(full) >= 2
+    assert [row["loss"] for row in chunked] == pytest.approx([row["loss"] for row in full], abs=1e-4)
+    assert train_step.run_key("embedding", with_chunk(16)) == train_step.run_key("embedding", with_chunk(None))
+
+
 def test_next_stage_continues_the_previous_adapter(in_project):
     params = tiny_params()
     train_step.train_stage("embedding", params)

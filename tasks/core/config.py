@@ -304,6 +304,11 @@ class TrainConfig(Strict):
     # Recompute activations in the backward pass instead of keeping them: the flagship needs it to
     # fit long sequences; results are the same, so DVC does not re-run a stage when it changes.
     gradient_checkpointing: bool = False
+    # The LM head and cross-entropy this many tokens at a time, each chunk's logits recomputed in the
+    # backward pass (tasks/core/lm_loss.py): [tokens, vocab] logits never exist at once (Qwen3's
+    # 151,936-wide head: ~1.2 GB of fp32 logits per 2k tokens). Same results, so not a DVC param;
+    # None: the model's own loss on full logits. Liger's fused loss replaces it when Liger is on.
+    loss_chunk_tokens: PositiveInt | None = 1024
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Memory the preflight check compares its estimate with; None: the device's free memory.
     memory_limit_gb: PositiveFloat | None = None

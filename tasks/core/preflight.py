@@ -31,6 +31,7 @@ class PreflightReport:
     trainable_by_part: dict[str, int] = field(default_factory=dict)
     adapter_bytes: int = 0
     estimated_peak_bytes: int = 0
+    estimated_terms: dict[str, int] = field(default_factory=dict)  # what the peak estimate adds up
     available_bytes: int | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -46,6 +47,7 @@ class PreflightReport:
             "  trainable: " + ", ".join(f"{p} {self.trainable_by_part.get(p, 0):,}" for p in PARTS),
             f"  adapter {self.adapter_bytes / 2**20:.2f} MiB; estimated peak {self.estimated_peak_bytes / gib:.2f} GiB"
             + (f" of {self.available_bytes / gib:.2f} GiB available" if self.available_bytes else ""),
+            "  = " + " + ".join(f"{name} {size / gib:.2f}" for name, size in self.estimated_terms.items()) + " GiB",
         ]
         return "\n".join(lines + [f"  PROBLEM: {p}" for p in self.problems])
 
@@ -93,16 +95,25 @@ def count_parameters(model: nn.Module, report: PreflightReport) -> None:
             report.adapter_bytes += param.numel() * param.element_size()
 
 
-def estimate_peak_bytes(model: nn.Module, batch_size: int, seq_len: int) -> int:
-    """Weights as stored + trainable params with grads and Adam moments + activations + logits."""
+def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None) -> dict[str, int]:
+    """The peak's terms in bytes: weights as stored, trainable params with grads and Adam moments,
+    activations, and the logits: all `batch_size * seq_len` tokens' at once, or one chunk's
+    (`train.loss_chunk_tokens`, tasks/core/lm_loss.py)."""
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = trainable * (4 + 4 + 8)  # fp32 grad, two fp32 Adam moments, fp32 master copy
     tokens = batch_size * seq_len
-    activations = config.num_hidden_layers * tokens * config.hidden_size * _ACTIVATION_FACTOR
-    logits = tokens * config.vocab_size * 4 * 2  # fp32 logits and their gradient
-    return int(weights + optimizer + activations + logits)
+    logit_rows = min(tokens, loss_chunk_tokens) if loss_chunk_tokens else tokens
+    return {
+        "weights": int(weights),
+        "adapter_and_optimizer": trainable * (4 + 4 + 8),  # fp32 grad, two fp32 Adam moments, fp32 master copy
+        "activations": config.num_hidden_layers * tokens * config.hidden_size * _ACTIVATION_FACTOR,
+        "logits": logit_rows * config.vocab_size * 4 * 2,  # fp32 logits and their gradient
+    }
+
+
+def estimate_peak_bytes(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None) -> int:
+    return sum(estimate_terms(model, batch_size, seq_len, loss_chunk_tokens).values())
 
 
 def available_bytes() -> int | None:
@@ -119,11 +130,12 @@ def available_bytes() -> int | None:
 
 
 def run_preflight(model: nn.Module, quantization: str, expects_experts: bool, batch_size: int, seq_len: int,
-                  memory_limit_bytes: int | None = None) -> PreflightReport:
+                  memory_limit_bytes: int | None = None, loss_chunk_tokens: int | None = None) -> PreflightReport:
     """Build the report and record every problem; `check` turns problems into an error."""
     report = PreflightReport(quantization=quantization)
     count_parameters(model, report)
-    report.estimated_peak_bytes = estimate_peak_bytes(model, batch_size, seq_len)
+    report.estimated_terms = estimate_terms(model, batch_size, seq_len, loss_chunk_tokens)
+    report.estimated_peak_bytes = sum(report.estimated_terms.values())
     report.available_bytes = memory_limit_bytes or available_bytes()
     has_experts = report.parameters_by_part.get("experts", 0) > 0
     full_experts = report.parameters_by_part.get("experts", 0) - report.four_bit_by_part.get("experts", 0)
@@ -142,7 +154,8 @@ def run_preflight(model: nn.Module, quantization: str, expects_experts: bool, ba
         report.problems.append(
             f"estimated peak memory {report.estimated_peak_bytes / gib:.2f} GiB exceeds the "
             f"{report.available_bytes / gib:.2f} GiB available: lower batch_size or prepare.max_length, "
-            "or use quantization: nf4"
+            "use quantization: nf4"
+            + ("" if loss_chunk_tokens else ", or set train.loss_chunk_tokens (no full-vocabulary logits)")
         )
     return report
 

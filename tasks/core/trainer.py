@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from tasks.core.chat import IGNORE_INDEX
+from tasks.core.lm_loss import chunked_loss
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -33,6 +34,9 @@ class Schedule:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     optimizer: str = "adamw_torch"  # a transformers `optim` name (see resolve_optimizer)
     liger_kernels: bool = False  # Liger's fused kernels (GPU only; see resolve_liger)
+    # LM head + loss a chunk of tokens at a time (tasks/core/lm_loss.py); None: full logits. Unused
+    # under Liger, whose fused linear cross-entropy does the same.
+    loss_chunk_tokens: int | None = None
 
 
 def resolve_optimizer(choice: str, on_gpu: bool) -> str:
@@ -294,7 +298,8 @@ def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id:
         log.info("resuming from %s", last)
     started = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=last)
+        with chunked_loss(model, None if schedule.liger_kernels else schedule.loss_chunk_tokens):
+            result = trainer.train(resume_from_checkpoint=last)
     finally:
         router.close()
     seconds = time.perf_counter() - started
