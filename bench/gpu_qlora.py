@@ -44,7 +44,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,31 +219,18 @@ def require_materialised(model: nn.Module) -> None:
 # --- LoRA ---------------------------------------------------------------------------------------
 
 
-def bench_lora_config(lora: LoraConfig, attention_rank: int) -> LoraConfig:
-    """The project's LoRA at the attention rank, alpha scaled so alpha/r (the update scale) is kept."""
-    return lora.model_copy(update={"r": attention_rank, "alpha": lora.alpha * attention_rank / lora.r})
+def bench_lora_config(lora: LoraConfig, attention_rank: int, expert_rank: int | None = None) -> LoraConfig:
+    """The project's LoRA at these ranks, alpha scaled so alpha/r (the update scale) is kept."""
+    return lora.model_copy(update={"r": attention_rank, "alpha": lora.alpha * attention_rank / lora.r,
+                                   "expert_r": expert_rank})
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, attention_rank: int, expert_rank: int) -> nn.Module:
-    """peft LoRA from the project's config; experts at their own rank through `rank_pattern`."""
-    from dataclasses import replace
+    """The project's LoRA (`tasks.core.adapters.new_adapter`): experts at `train.lora.expert_r`'s way
+    to their own rank (peft `rank_pattern`); check_lora_counts verifies that peft applied it."""
+    from tasks.core.adapters import new_adapter
 
-    from peft import get_peft_model
-
-    from tasks.core.adapters import peft_lora_config
-
-    cfg = bench_lora_config(lora, attention_rank)
-    peft_cfg = peft_lora_config(cfg, model)
-    if expert_rank != attention_rank:
-        # Parameter targets are matched by their full path, which these patterns end with.
-        pattern = {name: expert_rank for name in lora.target_parameters}
-        alphas = {name: cfg.alpha * expert_rank / attention_rank for name in lora.target_parameters}
-        peft_cfg = replace(peft_cfg, rank_pattern=pattern, alpha_pattern=alphas)
-    with warnings.catch_warnings():
-        # peft 0.21 checks patterns against module targets only and calls these unmatched although
-        # they are applied; check_lora_counts verifies that they were.
-        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
-        return get_peft_model(model, peft_cfg)
+    return new_adapter(model, bench_lora_config(lora, attention_rank, expert_rank))
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
@@ -547,7 +533,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None, help="default: 2048 (flagship), 128 (tiny)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--attention-rank", type=int, default=None, help="default: params.yaml train.lora.r")
-    parser.add_argument("--expert-rank", type=int, default=None, help="default: params.yaml train.lora.r")
+    parser.add_argument("--expert-rank", type=int, default=None, help="default: params.yaml train.lora.expert_r, else r")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
                         help="default: params.yaml train.loss_chunk_tokens; 0: full logits (the model's own loss)")
     parser.add_argument("--params", type=Path, default=PROJECT / "params.yaml")
@@ -571,7 +557,7 @@ def settings_from(args: argparse.Namespace, train: TrainConfig, device: str) -> 
     return BenchSettings(
         config_name=args.config, device=device, dtype_name=args.dtype or ("bf16" if device == "cuda" else "fp32"),
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-        attention_rank=args.attention_rank or lora.r, expert_rank=args.expert_rank or lora.r,
+        attention_rank=args.attention_rank or lora.r, expert_rank=args.expert_rank or lora.expert_r or lora.r,
         loss_chunk_tokens=loss_chunk(args, train),
     )
 
@@ -583,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     train = load_params(args.params).train
     lora = train.lora
     if args.estimate:
-        config, ranks = CONFIGS[args.config](), (args.attention_rank or lora.r, args.expert_rank or lora.r)
+        config, ranks = CONFIGS[args.config](), (args.attention_rank or lora.r, args.expert_rank or lora.expert_r or lora.r)
         chunk = loss_chunk(args, train)
         estimate = {"attention_rank": ranks[0], "expert_rank": ranks[1], "loss_chunk_tokens": chunk,
                     "lora_parameters": lora_parameter_count(config, *ranks),

@@ -227,6 +227,10 @@ class StageValidate(Strict):
 class LoraConfig(Strict):
     r: PositiveInt = 8
     alpha: PositiveFloat = 16
+    # Rank of the expert adapters (target_parameters), alpha scaled to keep alpha / r; None: r.
+    # Experts are most of a MoE's LoRA: Qwen3-30B-A3B at r 16 has 629 M expert LoRA parameters
+    # (48 layers x 128 experts) against 13 M on attention; each halving of expert_r halves them.
+    expert_r: PositiveInt | None = None
     dropout: Fraction = 0.0
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # Fused MoE expert weights are 3-D parameters, reachable only through peft's target_parameters.

@@ -30,6 +30,7 @@ class PreflightReport:
     four_bit_by_part: dict[str, int] = field(default_factory=dict)
     trainable_by_part: dict[str, int] = field(default_factory=dict)
     adapter_bytes: int = 0
+    adapter_bytes_by_part: dict[str, int] = field(default_factory=dict)  # what each part's rank costs
     estimated_peak_bytes: int = 0
     estimated_terms: dict[str, int] = field(default_factory=dict)  # what the peak estimate adds up
     available_bytes: int | None = None
@@ -44,7 +45,8 @@ class PreflightReport:
             f"preflight ({self.quantization}): "
             + ", ".join(f"{k} {v:,}" for k, v in self.parameters_by_storage.items()) + " parameters",
             "  by part: " + ", ".join(f"{p} {self.parameters_by_part.get(p, 0):,} ({self.four_bit_by_part.get(p, 0):,} in 4-bit)" for p in PARTS),
-            "  trainable: " + ", ".join(f"{p} {self.trainable_by_part.get(p, 0):,}" for p in PARTS),
+            "  trainable: " + ", ".join(f"{p} {self.trainable_by_part.get(p, 0):,} ({self.adapter_bytes_by_part.get(p, 0) / 2**20:.2f} MiB)"
+                                        for p in PARTS),
             f"  adapter {self.adapter_bytes / 2**20:.2f} MiB; estimated peak {self.estimated_peak_bytes / gib:.2f} GiB"
             + (f" of {self.available_bytes / gib:.2f} GiB available" if self.available_bytes else ""),
             "  = " + " + ".join(f"{name} {size / gib:.2f}" for name, size in self.estimated_terms.items()) + " GiB",
@@ -92,7 +94,9 @@ def count_parameters(model: nn.Module, report: PreflightReport) -> None:
                 report.four_bit_by_part[part] = report.four_bit_by_part.get(part, 0) + n
         if param.requires_grad:
             report.trainable_by_part[part] = report.trainable_by_part.get(part, 0) + n
-            report.adapter_bytes += param.numel() * param.element_size()
+            size = param.numel() * param.element_size()
+            report.adapter_bytes += size
+            report.adapter_bytes_by_part[part] = report.adapter_bytes_by_part.get(part, 0) + size
 
 
 def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None) -> dict[str, int]:
