@@ -28,6 +28,7 @@ import yaml
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, TrainJob, load_params
+from tasks.core.cost import chain_gpu_hours
 from tasks.core.records import write_json
 from tasks.core.bundle import log_serving_bundle
 from tasks.core.lineage import data_lineage, eval_data_fingerprint, git_lineage, library_versions, model_lineage
@@ -96,6 +97,9 @@ def log_stage_history(client, experiment_id: str, parent_id: str, job: TrainJob)
     metrics += [Metric(f"final_{k}", float(v), _now_ms(), 0) for k, v in summary.items() if isinstance(v, (int, float))]
     items = [Param(k, v) for k, v in stage_params(job).items()]
     client.log_batch(run_id, metrics=metrics, params=items)
+    for key, value in summary.items():  # e.g. the device the stage trained on
+        if isinstance(value, str):
+            client.set_tag(run_id, key, value)
     client.set_tag(run_id, ADAPTER_TAG, file_sha256(paths.adapter_dir(stage) / "adapter_model.safetensors"))
     client.set_terminated(run_id)
     return run_id
@@ -216,6 +220,7 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     log_champion_metrics(client, parent_id, champion)
     decision = decide(scores["final"], cfg.thresholds, champion, cfg.champion_tolerance)
     version_tags = version_lineage(params.final_stage, params.train.chain_policy, lineage, stage_runs, parent_id) | {
+        "gpu_hours": f"{chain_gpu_hours(params.stage_names):.6f}",  # every stage the final model was trained through
         "gate": "passed" if decision.promoted else "failed",
         "gate_reasons": decision.summary,
         "compared_with_champion": compared,

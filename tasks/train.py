@@ -24,6 +24,7 @@ from tasks.core import paths
 from tasks.core.chain import STAGE_INFO_FILE
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import Params, TrainJob, load_params
+from tasks.core.cost import DeviceUse, StageClock
 from tasks.core.launcher import (
     gathered_adapter_state,
     in_distributed_worker,
@@ -48,6 +49,7 @@ class StageResult:
     eval_loss: float
     summary: TrainingSummary
     merged_chain: list[str]  # adapters merged into the base before this one was trained
+    device_use: DeviceUse | None = None  # devices and wall time of the whole stage (tasks/core/cost.py)
 
 
 def train_stage(stage: str, params: Params) -> StageResult:
@@ -60,6 +62,7 @@ def train_stage(stage: str, params: Params) -> StageResult:
     from tasks.data.rows import read_packed_rows, read_rows
     from tasks.evaluation.scoring import mean_token_loss
 
+    clock = StageClock(world_size())  # the devices are held from here: loading counts
     job = params.train_job(stage)
     on_gpu = torch.cuda.is_available()
     info = BaseInfo.load()
@@ -79,7 +82,7 @@ def train_stage(stage: str, params: Params) -> StageResult:
         if is_main_process():  # the processes share one checkpoints folder
             shutil.rmtree(paths.CHECKPOINTS_DIR / stage, ignore_errors=True)  # done: nothing left to resume
         eval_loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id)
-        result = StageResult(stage, job.spec.init_from, trainable, eval_loss, summary, chain)
+        result = StageResult(stage, job.spec.init_from, trainable, eval_loss, summary, chain, clock.use())
         save_stage(model, result, job)
         if run:
             run.finish(json.loads(paths.train_metrics(stage).read_text()),
@@ -185,6 +188,8 @@ def save_stage(model, result: StageResult, job: TrainJob) -> None:
         "trainable_parameters": result.trainable_parameters,
         "processes": world_size(),
     }
+    if result.device_use:
+        metrics |= result.device_use.fields(result.summary.tokens_seen, result.summary.tokens_per_second)
     write_json(paths.train_metrics(result.stage), metrics)
     history = paths.train_history(result.stage)
     history.parent.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,7 @@ def test_mlflow_holds_parent_stage_runs_and_registered_version(workspace):
         assert version.tags[f"data_md5.{stage}"] == dep["md5"]
     assert version.tags["adapter_chain"] == "base + instructions"  # continue: one adapter carries all
     assert version.tags["chain_policy"] == "continue"
+    assert float(version.tags["gpu_hours"]) == 0.0  # trained on a CPU: no GPU time on record
     for tag in ("base_sha256", "adapter_sha256.instructions", "eval_data_sha256", "params_md5", "version.torch",
                 "version.peft", "pipeline_run", "gate_reasons", "compared_with_champion"):
         assert version.tags.get(tag), tag

@@ -10,6 +10,7 @@ import yaml
 
 from tasks.core import paths
 from tasks.core.promotion import ChampionScores, decide
+from tasks.core.records import write_json
 from tasks.register import data_lineage, data_metrics, flatten, log_validation
 
 
@@ -41,11 +42,15 @@ def test_promotion_gate(final, thresholds, champion, tolerance, promoted, reason
         assert decision.reasons == reasons
 
 
-def test_model_card_has_scores_forgetting_data_plan_and_lineage():
+def test_model_card_has_scores_forgetting_data_plan_cost_and_lineage(tmp_path, monkeypatch):
     from tasks.core.config import load_params
+    from tasks.core.cost import DeviceUse
     from tasks.core.model_card import render_card
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    for stage, (count, seconds) in {"embedding": (2, 1800.0), "syntax": (2, 900.0)}.items():
+        write_json(paths.train_metrics(stage), DeviceUse("NVIDIA H200", count, seconds).fields(1_000_000, 555.5))
     scores = {"base": {"syntax_json_valid": 0.0}, "final": {"syntax_json_valid": 0.9},
               "forgetting": {"base": {"syntax": 2.0}, "syntax": {"syntax": 0.5}}, "forgetting_change": {"syntax": 0.0}}
     card = render_card("m", params.stages, params.train, scores, {"syntax": {"train_rows": 10, "eval_rows": 2}}, CHAMPION,
@@ -54,6 +59,9 @@ def test_model_card_has_scores_forgetting_data_plan_and_lineage():
     assert "| syntax | 0.5000 |" in card and "forgetting.png" in card
     assert "| syntax | sft | synthetic" in card and "| thinking | syntax |" in card
     assert "`git_commit`: abc" in card and "promoted to `champion`" in card
+    assert "| embedding | 2 x NVIDIA H200 | 1800 s | 1.0000 | 1,000,000 | 556 |" in card
+    assert "| thinking | – | 0 s | 0.0000 |" in card  # no metrics file: nothing claimed
+    assert "GPU-hours across the chain: 1.5000" in card
 
 
 def test_flatten_gives_dotted_keys_and_json_lists():
@@ -137,3 +145,22 @@ def test_data_report_becomes_flat_metrics_with_mlflow_safe_names(tmp_path):
         "data.syntax.prepare.dropped.exact_duplicate": 1.0,
     }
     assert data_metrics(tmp_path / "missing.json") == {}
+
+
+def test_gpu_hours_are_devices_times_wall_time_summed_over_the_chain(tmp_path, monkeypatch):
+    from tasks.core.cost import DeviceUse, StageClock, chain_gpu_hours
+
+    monkeypatch.chdir(tmp_path)
+    assert DeviceUse("NVIDIA H200", 4, 900.0).gpu_hours == 1.0
+    assert DeviceUse("cpu", 0, 900.0).gpu_hours == 0.0
+    write_json(paths.train_metrics("a"), DeviceUse("NVIDIA H200", 1, 3600.0).fields(10, 1.0))
+    write_json(paths.train_metrics("b"), DeviceUse("NVIDIA H200", 8, 450.0).fields(10, 1.0))
+    assert chain_gpu_hours(["a", "b"]) == 2.0
+    assert chain_gpu_hours(["a", "b", "not-trained"]) == 2.0
+    from tasks.core import cost
+
+    monkeypatch.setattr(cost, "this_device", lambda: "cpu")
+    assert StageClock(processes=4).use().device_count == 0  # a CPU run holds no GPU
+    monkeypatch.setattr(cost, "this_device", lambda: "NVIDIA H200")
+    use = StageClock(processes=4).use()  # one GPU per process
+    assert (use.device, use.device_count) == ("NVIDIA H200", 4) and use.gpu_hours > 0

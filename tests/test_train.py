@@ -72,6 +72,10 @@ def test_first_stage_trains_a_new_adapter_on_attention_and_experts(in_project):
         assert row["router_entropy"] == pytest.approx(sum(per_layer) / layers)
     metrics = json.loads(paths.train_metrics("embedding").read_text())
     assert metrics["steps"] == 6 and metrics["trainable_parameters"] == result.trainable_parameters
+    # what the stage cost: on a CPU, no GPU-hours, and the whole stage's wall time (more than training's)
+    assert (metrics["device"], metrics["device_count"], metrics["gpu_hours"]) == ("cpu", 0, 0.0)
+    assert metrics["wall_seconds"] > metrics["seconds"] > 0
+    assert metrics["tokens_trained"] == metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
 
 
 def test_packed_training_reads_the_packed_rows_and_counts_only_real_tokens(in_project):

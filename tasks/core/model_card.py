@@ -62,6 +62,15 @@ def plan_section(stages: dict[str, StageSpec], shared_lora: LoraConfig, chain_po
     return "## Stage plan\n\n" + _table(["stage", "init from", "steps", "batch", "lr", "LoRA"], rows) + f"\n\n{policy}."
 
 
+def cost_section(stages: list[str]) -> str:
+    """What training the chain cost, stage by stage (tasks/core/cost.py)."""
+    from tasks.core.cost import chain_gpu_hours, cost_table
+
+    header = ["stage", "devices", "wall time", "GPU-hours", "tokens trained", "tokens/s"]
+    return (f"## Cost\n\n{_table(header, cost_table(stages))}\n\n"
+            f"GPU-hours across the chain: {chain_gpu_hours(stages):.4f} (devices x wall time of each stage's run).")
+
+
 def render_card(name: str, stages: dict[str, StageSpec], train: TrainConfig, scores: dict, data_report: dict, champion: ChampionScores | None,
                 decision: Decision, tags: dict[str, str]) -> str:
     verdict = "promoted to `champion`" if decision.promoted else "kept as `challenger` (not promoted)"
@@ -73,6 +82,7 @@ def render_card(name: str, stages: dict[str, StageSpec], train: TrainConfig, sco
         forgetting_section(scores),
         data_section(stages, data_report),
         plan_section(stages, train.lora, train.chain_policy, train.quantization),
+        cost_section(list(stages)),
         "## Lineage\n\n" + lineage,
     ]
     return "\n\n".join(s for s in sections if s) + "\n"

@@ -101,6 +101,9 @@ class StageRun:
         now = _now_ms()
         numbers = [Metric(f"final_{k}", float(v), now, 0) for k, v in summary.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=numbers)
+        for key, value in summary.items():  # e.g. the device the stage trained on
+            if isinstance(value, str):
+                self.client.set_tag(self.run_id, key, value)
         self.client.set_tag(self.run_id, ADAPTER_TAG, file_sha256(adapter_file))
 
 
