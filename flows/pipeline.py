@@ -102,6 +102,17 @@ def _flow_and_tasks() -> SimpleNamespace:
             return "pushed"
         return f"pushed; {dvc_stages.commit_results(Path(project), run_name)}"
 
+    def check_plan(root: Path, loaded, here: bool) -> str:
+        from contextlib import chdir
+
+        from tasks.plan import make_plan, memory_limit, no_fit_message, render
+
+        with chdir(root):  # the plan reads the workspace's outputs by their relative paths
+            plan = make_plan(loaded, root, limit_bytes=memory_limit(loaded, here))
+        if not plan.fits:
+            raise ConfigError(no_fit_message(plan))
+        return "plan:\n" + render(plan)
+
     @flow(name="stagewise-pipeline")
     def pipeline(params: RunParameters | None = None, overrides: dict[str, Any] | None = None,
                  params_file: str = "params.yaml", project_dir: str = ".", train_deployment: str | None = None,
@@ -116,10 +127,18 @@ def _flow_and_tasks() -> SimpleNamespace:
         root = Path(project_dir).resolve()
         params_path = root / params_file
         changes = (params.overrides() if params else {}) | (overrides or {})
+        before = params_path.read_text()
         if changes:
             apply_overrides(params_path, changes)
-        load_params(params_path)  # fail on bad config before any stage runs
+        loaded = load_params(params_path)  # fail on bad config before any stage runs
         deployment = dvc_stages.train_deployment_for(train_deployment)
+        # What will run and what it costs, in the run's log; a stage that cannot fit stops it here,
+        # and params.yaml is as it was. Trained on a pool elsewhere, only train.memory_limit_gb limits.
+        try:
+            get_run_logger().info("%s", check_plan(root, loaded, here=deployment is None))
+        except ConfigError:
+            params_path.write_text(before)
+            raise
         outcomes: dict[str, str] = {}
         for name in dvc_stages.stage_order(root):
             if deployment and name.startswith("train@"):

@@ -147,6 +147,8 @@ def run_key(stage: str, params: Params) -> str:
 def preflight_stage(model, job: TrainJob) -> None:
     """Report precision, trainable parts and memory before the first step; fail on problems.
     Every process checks (so each fails loudly); only the main one writes the report."""
+    import torch
+
     from tasks.core.preflight import check, run_preflight
 
     limit = job.train.memory_limit_gb
@@ -158,6 +160,8 @@ def preflight_stage(model, job: TrainJob) -> None:
         seq_len=job.max_length,
         memory_limit_bytes=int(limit * 2**30) if limit else None,
         loss_chunk_tokens=job.train.loss_chunk_tokens,
+        gradient_checkpointing=job.train.gradient_checkpointing,
+        optimizer=resolve_optimizer(job.train.optimizer, torch.cuda.is_available()),
     )
     if is_main_process():
         write_json(paths.adapter_dir(job.stage) / PREFLIGHT_FILE, report.to_dict())

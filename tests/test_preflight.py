@@ -172,3 +172,14 @@ def test_the_chunked_loss_bounds_the_logits_term_and_the_terms_add_up(base):
 )
 def test_part_of(name, part):
     assert part_of(name) == part
+
+
+def test_gradient_checkpointing_keeps_layer_inputs_and_one_layers_activations(base):
+    from tasks.core.preflight import estimate_terms
+
+    model = with_lora(load_base_model(base, "none"))
+    layers, hidden, tokens = model.config.num_hidden_layers, model.config.hidden_size, 4 * 64
+    plain = estimate_terms(model, 4, 64)["activations"]
+    checkpointed = estimate_terms(model, 4, 64, gradient_checkpointing=True)["activations"]
+    assert plain == layers * tokens * hidden * 34
+    assert checkpointed == layers * tokens * hidden * 2 + tokens * hidden * 34 < plain

@@ -100,10 +100,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
+    config = tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(config)
+
+
+def tiny_config(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | None = None, eos_token_id: int | None = None):
+    """The tiny base's Qwen3-MoE config (what `tasks.plan` builds on the meta device before `base` ran)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.moe_intermediate_size * 2,
         num_hidden_layers=cfg.num_hidden_layers,
@@ -117,12 +126,10 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, s
         decoder_sparse_step=1,
         mlp_only_layers=[],
         tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(seed)
-    return Qwen3MoeForCausalLM(config)
 
 
 def resolve_external(cfg: ModelConfig) -> BaseInfo:

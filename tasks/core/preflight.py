@@ -99,25 +99,45 @@ def count_parameters(model: nn.Module, report: PreflightReport) -> None:
             report.adapter_bytes_by_part[part] = report.adapter_bytes_by_part.get(part, 0) + size
 
 
-def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None) -> dict[str, int]:
-    """The peak's terms in bytes: weights as stored, trainable params with grads and Adam moments,
-    activations, and the logits: all `batch_size * seq_len` tokens' at once, or one chunk's
-    (`train.loss_chunk_tokens`, tasks/core/lm_loss.py)."""
-    config = model.config
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tokens = batch_size * seq_len
+# Optimizer state bytes per trainable parameter: two Adam moments in fp32, or in 8 bits.
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+
+
+def memory_terms(config, weights_bytes: int, trainable: int, tokens: int, loss_chunk_tokens: int | None = None,
+                 gradient_checkpointing: bool = False, optimizer: str = "adamw_torch") -> dict[str, int]:
+    """The peak's terms in bytes, from the model's config and what it holds: weights as stored,
+    trainable params with grads and Adam moments, activations (every layer's; with gradient
+    checkpointing each layer's input plus one layer's during its recompute), and the logits: all
+    `tokens`' at once, or one chunk's (`train.loss_chunk_tokens`, tasks/core/lm_loss.py). Adapter
+    weights and their gradients are fp32 (peft keeps them so); the optimizer's two moments are fp32
+    or 8-bit (`optimizer`, a transformers name). The preflight (a loaded model) and `tasks.plan`
+    (a model on the meta device) both use it."""
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    if gradient_checkpointing:
+        activations = layers * tokens * hidden * 2 + tokens * hidden * _ACTIVATION_FACTOR  # bf16 layer inputs
+    else:
+        activations = layers * tokens * hidden * _ACTIVATION_FACTOR
     logit_rows = min(tokens, loss_chunk_tokens) if loss_chunk_tokens else tokens
     return {
-        "weights": int(weights),
-        "adapter_and_optimizer": trainable * (4 + 4 + 8),  # fp32 grad, two fp32 Adam moments, fp32 master copy
-        "activations": config.num_hidden_layers * tokens * config.hidden_size * _ACTIVATION_FACTOR,
+        "weights": int(weights_bytes),
+        "adapter_and_optimizer": trainable * (4 + 4 + OPTIMIZER_STATE_BYTES.get(optimizer, 8)),
+        "activations": activations,
         "logits": logit_rows * config.vocab_size * 4 * 2,  # fp32 logits and their gradient
     }
 
 
-def estimate_peak_bytes(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None) -> int:
-    return sum(estimate_terms(model, batch_size, seq_len, loss_chunk_tokens).values())
+def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None,
+                   gradient_checkpointing: bool = False, optimizer: str = "adamw_torch") -> dict[str, int]:
+    """`memory_terms` of a loaded model: its weights as they are stored, its trainable parameters."""
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return memory_terms(model.config, weights, trainable, batch_size * seq_len, loss_chunk_tokens, gradient_checkpointing,
+                        optimizer)
+
+
+def estimate_peak_bytes(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None,
+                        gradient_checkpointing: bool = False) -> int:
+    return sum(estimate_terms(model, batch_size, seq_len, loss_chunk_tokens, gradient_checkpointing).values())
 
 
 def available_bytes() -> int | None:
@@ -134,11 +154,12 @@ def available_bytes() -> int | None:
 
 
 def run_preflight(model: nn.Module, quantization: str, expects_experts: bool, batch_size: int, seq_len: int,
-                  memory_limit_bytes: int | None = None, loss_chunk_tokens: int | None = None) -> PreflightReport:
+                  memory_limit_bytes: int | None = None, loss_chunk_tokens: int | None = None,
+                  gradient_checkpointing: bool = False, optimizer: str = "adamw_torch") -> PreflightReport:
     """Build the report and record every problem; `check` turns problems into an error."""
     report = PreflightReport(quantization=quantization)
     count_parameters(model, report)
-    report.estimated_terms = estimate_terms(model, batch_size, seq_len, loss_chunk_tokens)
+    report.estimated_terms = estimate_terms(model, batch_size, seq_len, loss_chunk_tokens, gradient_checkpointing, optimizer)
     report.estimated_peak_bytes = sum(report.estimated_terms.values())
     report.available_bytes = memory_limit_bytes or available_bytes()
     has_experts = report.parameters_by_part.get("experts", 0) > 0

@@ -1,0 +1,117 @@
+"""`python -m tasks.plan`: what will run and why, what each training stage will cost, and a
+non-zero exit naming the stage and the cheapest lever when one cannot fit. The flagship is planned
+from its real config.json on the meta device (nothing loaded, nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.core.config import LoraConfig
+from tasks.plan import Shape, cheapest_lever, lora_parameters, meta_model, stage_memory
+from tests.pipeline_workspace import PROJECT, make_workspace, small_params
+
+FLAGSHIP = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen3" / "qwen3_30b_a3b_base_config.json"
+if not FLAGSHIP.exists():
+    FLAGSHIP = Path("/work/shared/fixtures/qwen3/qwen3_30b_a3b_base_config.json")
+needs_flagship = pytest.mark.skipif(not FLAGSHIP.exists(), reason=f"Qwen3 fixtures not found at {FLAGSHIP}")
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def flagship_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("flagship")
+    shutil.copyfile(FLAGSHIP, folder / "config.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flagship(flagship_folder):
+    from transformers import AutoConfig
+
+    return meta_model(AutoConfig.from_pretrained(flagship_folder))
+
+
+def plan_in(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasks.plan", *args], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(PROJECT)})
+
+
+@needs_flagship
+def test_lora_on_the_meta_flagship_counts_what_peft_would_add(flagship):
+    """48 layers x 128 experts x r x (2 x 2048 + 3 x 768) on the experts, 13.4 M on attention at r 16."""
+    assert next(flagship.parameters()).is_meta
+    assert lora_parameters(flagship, LoraConfig(r=16, alpha=32, target_modules=ATTENTION)) == 13_369_344
+    assert lora_parameters(flagship, LoraConfig(r=16, alpha=32, target_modules=ATTENTION, target_parameters=EXPERTS)) == (
+        13_369_344 + 629_145_600)
+    quarter = LoraConfig(r=16, alpha=32, target_modules=ATTENTION, target_parameters=EXPERTS, expert_r=4)
+    assert lora_parameters(flagship, quarter) == 13_369_344 + 629_145_600 // 4
+
+
+@needs_flagship
+def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
+    lora = LoraConfig(r=16, alpha=32, target_modules=ATTENTION, target_parameters=EXPERTS)
+    shape = Shape(1, 2048, "nf4", 1024, True, lora, "paged_adamw_8bit")
+    terms = stage_memory(flagship, shape, dtype_bytes=2)
+    # NF4 attention and experts (~15.4 GB) + bf16 embeddings, LM head, router, norms (~1.27 GB)
+    assert terms["weights"] / 1e9 == pytest.approx(16.7, abs=0.1)
+    assert terms["adapter_and_optimizer"] == (13_369_344 + 629_145_600) * (4 + 4 + 2)  # fp32 weight and grad, 8-bit moments
+    assert terms["logits"] == 1024 * 151_936 * 8  # one chunk's
+    peak = sum(terms.values())
+    assert cheapest_lever(flagship, shape, 2, limit=peak + 1) == "train.lora.expert_r: 8"  # fits already: the first that fits
+    assert cheapest_lever(flagship, shape, 2, limit=peak - 2 * GIB) == "train.lora.expert_r: 8"
+    full_logits = Shape(1, 2048, "nf4", None, True, lora, "paged_adamw_8bit")
+    extra = sum(stage_memory(flagship, full_logits, 2).values()) - peak
+    assert cheapest_lever(flagship, full_logits, 2, limit=peak + extra // 2) == "train.loss_chunk_tokens: 1024"
+    assert cheapest_lever(flagship, shape, 2, limit=GIB) is None
+
+
+def test_plan_on_a_fresh_workspace_runs_everything_and_estimates_tokens(tmp_path):
+    ws = make_workspace(tmp_path / "ws", small_params(yaml.safe_load((PROJECT / "params.yaml").read_text())))
+    done = plan_in(ws.root, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads(done.stdout)
+    assert [s["stage"] for s in plan["stages"]][:4] == ["ingest", "base", "prepare", "validate"]
+    assert all(s["runs"] and s["reasons"] for s in plan["stages"])  # nothing ran yet
+    assert [t["stage"] for t in plan["training"]] == ["embedding", "syntax", "thinking", "instructions"]
+    assert all(not t["tokens_per_row_measured"] and t["fits"] and t["peak_bytes"] > 0 for t in plan["training"])
+    text = plan_in(ws.root, "--tokens-per-second", "1000")
+    assert text.returncode == 0 and "* prepare has not run" in text.stdout
+    assert "projected CPU-hours (no GPU here) for the stages that run: 0.0" in text.stdout
+
+
+@needs_flagship
+def test_a_stage_that_cannot_fit_exits_1_naming_it_and_a_lever(tmp_path, flagship_folder):
+    params = small_params(yaml.safe_load((PROJECT / "params.yaml").read_text()))
+    params["model"]["name_or_path"] = str(flagship_folder)
+    params["train"].update(quantization="nf4", memory_limit_gb=18, gradient_checkpointing=True)
+    params["prepare"]["max_length"] = 2048
+    for stage in params["stages"].values():
+        stage["train"]["batch_size"] = 1
+    ws = make_workspace(tmp_path / "ws", params)
+    done = plan_in(ws.root, "--device", "gpu")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    # the rank is the only lever left at these settings, and only rank 1 fits this estimate
+    assert "train@embedding: estimated peak 23.20 GiB > 18.00 GiB; try train.lora.expert_r: 1" in done.stderr
+    assert "does not fit: try train.lora.expert_r: 1" in done.stdout
+    assert "weights 15.5" in done.stdout or "weights 15.6" in done.stdout  # GiB: NF4 experts and attention, bf16 rest
+
+
+@pytest.mark.slow
+def test_the_flow_logs_the_plan_and_stops_before_any_stage_on_a_stage_that_cannot_fit(tmp_path):
+    ws = make_workspace(tmp_path / "ws", small_params(yaml.safe_load((PROJECT / "params.yaml").read_text())))
+    before = (ws.root / "params.yaml").read_text()
+    done = ws.flow("--set", "train.memory_limit_gb=0.001", check=False)
+    assert done.returncode == 1
+    assert (ws.root / "params.yaml").read_text() == before  # the override that cannot fit is not kept
+    assert "train@embedding: estimated peak" in done.stderr and "> 0.00 GiB" in done.stderr
+    assert not (ws.root / "dvc.lock").exists() and not (ws.root / "data" / "raw").exists()  # nothing ran
+    # a run that fits logs the plan: tests/test_pipeline_e2e.py::test_flow_runs_every_stage_in_dag_order
