@@ -275,8 +275,11 @@ def _tokens_per_row(stage: str, report: dict, packed: bool, max_length: int) -> 
 
 
 def _measured_throughput(stage: str) -> float | None:
+    """Tokens/s of the stage's last run here, if it ran."""
     path = paths.train_metrics(stage)
-    return float(json.loads(path.read_text()).get("tokens_per_second") or 0) or None if path.exists() else None
+    if not path.exists():
+        return None
+    return float(json.loads(path.read_text()).get("tokens_per_second") or 0) or None
 
 
 def memory_limit(params: Params, here: bool = True) -> int | None:
