@@ -108,7 +108,7 @@ def _flow_and_tasks() -> SimpleNamespace:
         from tasks.plan import make_plan, memory_limit, no_fit_message, render
 
         with chdir(root):  # the plan reads the workspace's outputs by their relative paths
-            plan = make_plan(loaded, root, limit_bytes=memory_limit(loaded, here))
+            plan = make_plan(loaded, root, limit_bytes=memory_limit(loaded, here), only_running=True)
         if not plan.fits:
             raise ConfigError(no_fit_message(plan))
         return "plan:\n" + render(plan)

@@ -292,9 +292,15 @@ def memory_limit(params: Params, here: bool = True) -> int | None:
 
 
 def make_plan(params: Params, root: Path = Path("."), tokens_per_second: float | None = None,
-              limit_bytes: int | None = None, for_gpu: bool | None = None) -> Plan:
+              limit_bytes: int | None = None, for_gpu: bool | None = None, only_running: bool = False) -> Plan:
     """The plan; `for_gpu`: plan for a CUDA GPU (bf16, 8-bit optimizer under `auto`) whatever this
-    machine has; None: for this machine."""
+    machine has; None: for this machine. `only_running`: training stages that will run only (the
+    flow's check: with every training stage cached no model is built, and it takes ~2 s)."""
+    stages = stage_plans(root)
+    running = {s.stage for s in stages if s.runs}
+    names = [s for s in params.stage_names if not only_running or f"train@{s}" in running]
+    if not names:
+        return Plan(stages, [], bool(for_gpu))
     import torch
 
     from tasks.core.trainer import resolve_optimizer
@@ -307,7 +313,7 @@ def make_plan(params: Params, root: Path = Path("."), tokens_per_second: float |
     train = params.train
     processes = train.launcher.num_processes or 1
     training = []
-    for stage in params.stage_names:
+    for stage in names:
         job = params.train_job(stage)
         spec = job.spec.train
         packed = train.packing
@@ -322,7 +328,7 @@ def make_plan(params: Params, root: Path = Path("."), tokens_per_second: float |
         if not plan.fits:
             plan.lever = cheapest_lever(model, shape, dtype_bytes, limit_bytes)  # type: ignore[arg-type]
         training.append(plan)
-    return Plan(stage_plans(root), training, on_gpu)
+    return Plan(stages, training, on_gpu)
 
 
 def render(plan: Plan) -> str:
@@ -330,6 +336,8 @@ def render(plan: Plan) -> str:
     lines = ["stages:"]
     for s in plan.stages:
         lines.append(f"  {s.stage:22s} {'RUNS' if s.runs else 'cached'}" + (f"  ({'; '.join(s.reasons)})" if s.reasons else ""))
+    if not plan.training:
+        return "\n".join([*lines, "training: nothing to train (every training stage is cached)"])
     lines.append("training:")
     lines.append(f"  {'stage':14s} {'rows':>8s} {'tok/row':>8s} {'steps':>6s} {'tokens':>12s} {'memory GiB':>11s} "
                  f"{'limit GiB':>10s} {'fits':>5s} {'tok/s':>9s} {'hours':>7s}")

@@ -74,18 +74,22 @@ def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
     assert cheapest_lever(flagship, shape, 2, limit=GIB) is None
 
 
-def test_plan_on_a_fresh_workspace_runs_everything_and_estimates_tokens(tmp_path):
+def test_plan_on_a_fresh_workspace_runs_everything_and_estimates_tokens(tmp_path, monkeypatch):
+    from tasks.core.config import load_params
+    from tasks.plan import make_plan, render
+
     ws = make_workspace(tmp_path / "ws", small_params(yaml.safe_load((PROJECT / "params.yaml").read_text())))
-    done = plan_in(ws.root, "--json")
+    done = plan_in(ws.root, "--json", "--tokens-per-second", "1000")
     assert done.returncode == 0, done.stderr[-3000:]
     plan = json.loads(done.stdout)
     assert [s["stage"] for s in plan["stages"]][:4] == ["ingest", "base", "prepare", "validate"]
     assert all(s["runs"] and s["reasons"] for s in plan["stages"])  # nothing ran yet
     assert [t["stage"] for t in plan["training"]] == ["embedding", "syntax", "thinking", "instructions"]
     assert all(not t["tokens_per_row_measured"] and t["fits"] and t["peak_bytes"] > 0 for t in plan["training"])
-    text = plan_in(ws.root, "--tokens-per-second", "1000")
-    assert text.returncode == 0 and "* prepare has not run" in text.stdout
-    assert "projected CPU-hours (no GPU here) for the stages that run: 0.0" in text.stdout
+    assert plan["device_hours"] == pytest.approx(sum(t["tokens"] for t in plan["training"]) / 1000 / 3600)
+    monkeypatch.chdir(ws.root)  # the same plan, rendered for people
+    text = render(make_plan(load_params("params.yaml"), ws.root, tokens_per_second=1000, for_gpu=False))
+    assert "* prepare has not run" in text and "projected CPU-hours (no GPU here) for the stages that run: 0.0" in text
 
 
 @needs_flagship
@@ -115,3 +119,18 @@ def test_the_flow_logs_the_plan_and_stops_before_any_stage_on_a_stage_that_canno
     assert "train@embedding: estimated peak" in done.stderr and "> 0.00 GiB" in done.stderr
     assert not (ws.root / "dvc.lock").exists() and not (ws.root / "data" / "raw").exists()  # nothing ran
     # a run that fits logs the plan: tests/test_pipeline_e2e.py::test_flow_runs_every_stage_in_dag_order
+
+
+def test_the_flows_plan_builds_no_model_when_every_training_stage_is_cached(tmp_path, monkeypatch):
+    from tasks import plan as plan_module
+    from tasks.core.config import load_params
+
+    ws = make_workspace(tmp_path / "ws", small_params(yaml.safe_load((PROJECT / "params.yaml").read_text())))
+    monkeypatch.chdir(ws.root)
+    all_cached = [plan_module.StagePlan(name, name == "export", ["changed params: export.max_kl"] * (name == "export"))
+                  for name in ("prepare", "train@embedding", "export")]
+    monkeypatch.setattr(plan_module, "stage_plans", lambda root: all_cached)
+    monkeypatch.setattr(plan_module, "meta_model", lambda config: pytest.fail("no model is needed"))
+    plan = plan_module.make_plan(load_params("params.yaml"), ws.root, only_running=True)
+    assert plan.training == [] and plan.fits
+    assert "nothing to train (every training stage is cached)" in plan_module.render(plan)
