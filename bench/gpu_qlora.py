@@ -62,8 +62,7 @@ if TYPE_CHECKING:
 GOAL_PEAK_GIB = 20.0
 DEFAULT_OUT = PROJECT / "bench" / "results" / "gpu_qlora.json"
 GIB = 2**30
-# NF4 with double quantization: 4 bits a value, an 8-bit absmax per 64 values, an fp32 one per 256 of those.
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+from tasks.plan import NF4_BYTES_PER_PARAM  # noqa: E402 - one figure for the plan and this estimate
 GPU_NEEDED = (
     "bench/gpu_qlora.py: {what} needs a CUDA GPU and torch.cuda.is_available() is False here. "
     "Run it on a machine with a GPU (the flagship needs ~17 GB for its 4-bit weights alone), or run the "

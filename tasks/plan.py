@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 GIB = 2**30
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values, a scale per 64, double-quantized
+# NF4 with double quantization: 4 bits a value, an 8-bit absmax per 64 values, an fp32 one per 256 of those.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass(frozen=True)
