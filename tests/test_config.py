@@ -33,7 +33,7 @@ class TestRepoParams:
         assert params.stage_names == ["embedding", "syntax", "thinking", "instructions"]
         stages = list(params.stages.values())
         assert [s.kind for s in stages] == ["pretrain", "sft", "sft", "sft"]
-        assert [s.data.n_records for s in stages] == [1200, 600, 600, 600]
+        assert [s.data.n_records for s in stages] == [2400, 600, 600, 600]
         assert [s.data.replay_share for s in stages] == [0.0, 0.3, 0.3, 0.3]
         assert all(s.data.sources == [] for s in stages)
         assert [s.checks.think_block for s in stages] == [False, False, True, False]
@@ -47,7 +47,7 @@ class TestRepoParams:
         assert params.register_.model_name == "stagewise-assistant"
         assert params.stages["syntax"].train.learning_rate == pytest.approx(3.0e-3)
         assert params.model.name_or_path is None
-        assert params.model.tiny.pretrain.max_steps == 300
+        assert params.model.tiny.pretrain.max_steps == 600
 
     def test_final_stage_is_last(self):
         assert load_params(PARAMS_FILE).final_stage == "instructions"

@@ -12,7 +12,7 @@ import yaml
 
 from tasks.core.config import ConfigError
 from tasks.core.records import check_record, content_hash
-from tasks.data.synthetic import INTENTS, WORLD, generate_stage_records, number_word
+from tasks.data.synthetic import INTENTS, WORLD, arithmetic_facts, generate_stage_records, number_word
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"embedding": "pretrain", "syntax": "sft", "thinking": "sft", "instructions": "sft"}
@@ -58,7 +58,7 @@ class TestCurriculum:
         # A cheap stand-in for "well under 200 BPE tokens": whitespace words across all turns.
         for rec in curriculum[stage]:
             text = rec.get("text") or " ".join(m["content"] for m in rec["messages"])
-            assert 4 <= len(text.split()) <= 90, text
+            assert 4 <= len(text.split()) <= 130, text
 
     def test_full_sizes_from_params_yaml(self, raw_params, caplog):
         with caplog.at_level(logging.WARNING, logger="tasks.data.synthetic"):
@@ -104,6 +104,12 @@ class TestEmbedding:
             for name, town in re.findall(r"(\w+) lives in (\w+)\.", rec["text"]):
                 assert WORLD[name]["town"] == town
 
+    def test_copy_drills_say_the_same_sequence_twice(self, curriculum):
+        drills = [m for rec in curriculum["embedding"]
+                  for m in re.finditer(r"reads out: ([^.]+)\. (?:He|She) says it again: ([^.]+)\.", rec["text"])]
+        assert len(drills) > N // 10
+        assert all(m.group(1) == m.group(2) and len(m.group(1).split()) >= 3 for m in drills)
+
     def test_json_and_key_value_text_present(self, curriculum):
         texts = [rec["text"] for rec in curriculum["embedding"]]
         assert any('{"name": ' in t for t in texts)
@@ -129,6 +135,13 @@ class TestSyntax:
         assert seen_intents == set(INTENTS)
 
 
+FACTS = set(arithmetic_facts())
+
+
+def equations(text: str) -> set[tuple[int, str, int, int]]:
+    return {(int(a), op, int(b), int(c)) for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", text)}
+
+
 def solve(question: str) -> int:
     """Recompute a thinking question's answer from its words alone."""
     counts = [int(n) for n in re.findall(r"has (\d+) ", question)]
@@ -151,19 +164,28 @@ class TestThinking:
             assert sep and head.startswith("<think>\n"), reply
             answer = int(re.fullmatch(r"The answer is (\d+)\.", final).group(1))
             assert answer == solve(question), rec
-            assert 0 <= answer <= 99
             equations = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", head)
             for a, op, b, c in equations:
-                assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c)
+                assert (int(a), op, int(b), int(c)) in FACTS, rec  # one-digit facts only, all right
             assert int(equations[-1][3]) == answer
             if "together" not in question and "How many more" not in question:
                 shapes.add(len(equations))
         assert {1, 2} <= shapes  # one- and two-step problems both present
 
+    def test_every_step_is_a_fact_the_base_pretrains_on(self, raw_params):
+        """The stage teaches using arithmetic, not arithmetic: at the default sizes, each equation
+        a thinking reply writes is stated in the embedding corpus (the tiny base's pretraining)."""
+        seed, sizes = raw_params["seed"], {s: spec["data"]["n_records"] for s, spec in raw_params["stages"].items()}
+        corpus = set().union(*(equations(r["text"]) for r in generate_stage_records("embedding", "pretrain", sizes["embedding"], seed)))
+        used = set().union(*(equations(assistant_turns(r)[0]) for r in generate_stage_records("thinking", "sft", sizes["thinking"], seed)))
+        assert FACTS == {(a, op, b, a + b if op == "+" else a - b) for a, op, b, _ in FACTS}  # 200 true facts
+        assert len(FACTS) == 200
+        assert used <= FACTS <= corpus
+
     def test_example_format(self):
         rec = generate_stage_records("thinking", "sft", 40, seed=1234)
         replies = [assistant_turns(r)[0] for r in rec]
-        assert any(re.fullmatch(r"<think>\n\w+ starts with \d+ \w+\.\n(?:\w+ .+: \d+ [+-] \d+ = \d+\.\n){1,2}</think>\nThe answer is \d+\.", r)
+        assert any(re.fullmatch(r"<think>\n\w+ starts with \d \w+\.\n(?:\w+ .+: \d+ [+-] \d+ = \d+\.\n){1,2}</think>\nThe answer is \d+\.", r)
                    for r in replies)
 
 

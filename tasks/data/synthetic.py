@@ -1,10 +1,12 @@
 """The embedded synthetic curriculum: what `ingest` writes for a stage that has no `sources`.
 
-Sized by `stages.<stage>.data.n_records` and fixed by `seed`. The curriculum is built for a tiny model (BPE vocab 1024, ~100 LoRA steps on CPU) to learn
-visibly: a small closed world, very regular templates, records of roughly 30-120 tokens.
-  embedding     raw text about the world, with arithmetic, JSON and key: value lines
+Sized by `stages.<stage>.data.n_records` and fixed by `seed`. The curriculum is built for a tiny
+model (BPE vocab 1024, ~100 LoRA steps on CPU) to learn visibly: a small closed world, very regular
+templates, records of roughly 30-150 tokens.
+  embedding     raw text about the world: one-digit arithmetic facts, sequences said twice (so the
+                base learns to copy from its context), JSON and key: value lines
   syntax        "Extract JSON: <request>" -> {"intent": ..., "slots": {...}}
-  thinking      +/- word problems -> <think> steps </think> and "The answer is N."
+  thinking      one-digit +/- word problems -> <think> steps </think> and "The answer is N."
   instructions  short exact tasks (repeat, reverse, count, look up a fact), 30% two-turn
 """
 
@@ -163,18 +165,30 @@ def syntax_record(rng: random.Random) -> dict:
 
 
 # --- thinking: word problems with worked steps ----------------------------------------------
+# A tiny model cannot learn new arithmetic in ~100 LoRA steps, but it can learn to *use* facts it
+# already knows. So every step of a problem is a one-digit sum or its inverse: a fact from
+# `arithmetic_facts`, which the embedding corpus (and so the base) states many times. What the stage
+# teaches is the reasoning: read the counts off the question, pick the operation, chain the steps.
 
+MAX_OPERAND = 9
 GAINS = ("buys {n} more", "finds {n} more", "gets {n} more from {other}")
 LOSSES = ("gives {n} to {other}", "loses {n}")
 
 
+def arithmetic_facts() -> list[tuple[int, str, int, int]]:
+    """Every `a + b = c` with one-digit a and b, and its inverses `c - b = a`: the facts the
+    thinking stage's steps are made of (200 in all)."""
+    sums = [(a, "+", b, a + b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    return sums + [(c, "-", b, a) for a, _, b, c in sums]
+
+
 def _step(rng: random.Random, name: str, have: int) -> tuple[str, int]:
-    """One change to a count: (verb phrase, new count), never below zero or above 99."""
+    """One change to a count that stays within `arithmetic_facts`: (verb phrase, new count)."""
     other = rng.choice([n for n in NAMES if n != name])
-    if have > 1 and (have >= 90 or rng.random() < 0.5):
-        n = rng.randint(1, min(have, 12))
+    if have > MAX_OPERAND or (have > 1 and rng.random() < 0.5):  # above 9 only a loss is a fact
+        n = rng.randint(max(1, have - MAX_OPERAND), min(have, MAX_OPERAND))
         return rng.choice(LOSSES).format(n=n, other=other), have - n
-    n = rng.randint(1, min(12, 99 - have))
+    n = rng.randint(1, MAX_OPERAND)
     return rng.choice(GAINS).format(n=n, other=other), have + n
 
 
@@ -184,11 +198,13 @@ def _equation(before: int, after: int) -> str:
 
 
 def thinking_record(rng: random.Random) -> dict:
+    """A word problem and its worked solution: each step restates a count or applies one change
+    to it with one fact (`7 + 5 = 12.`), and the answer line repeats the last result."""
     name, other = _two_people(rng)
     items = rng.choice(ITEMS)
-    shape = rng.choices(("one_step", "two_steps", "together", "difference"), weights=(4, 3, 2, 1))[0]
+    shape = rng.choices(("one_step", "two_steps", "together", "difference"), weights=(4, 2, 3, 2))[0]
     if shape in ("together", "difference"):
-        a, b = rng.randint(2, 30), rng.randint(1, 30)
+        a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
         if shape == "difference":
             a, b = max(a, b), min(a, b)
         question = (f"{name} has {a} {items}. {other} has {b} {items}. "
@@ -199,7 +215,7 @@ def thinking_record(rng: random.Random) -> dict:
                  f"Together: {a} + {b} = {answer}." if shape == "together" else f"Difference: {a} - {b} = {answer}."]
     else:
         pro = _pronoun(name)
-        have = rng.randint(2, 30)
+        have = rng.randint(1, MAX_OPERAND)
         sentences = [f"{name} has {have} {items}."]
         steps = [f"{name} starts with {have} {items}."]
         for i in range(1 if shape == "one_step" else 2):
@@ -305,11 +321,23 @@ def instructions_record(rng: random.Random) -> dict:
 
 
 def _arithmetic_sentence(rng: random.Random) -> str:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    if rng.random() < 0.5:
-        return f"{number_word(a).capitalize()} plus {number_word(b)} is {number_word(a + b)}. {a} + {b} = {a + b}."
-    a, b = max(a, b), min(a, b)
-    return f"{number_word(a).capitalize()} minus {number_word(b)} is {number_word(a - b)}. {a} - {b} = {a - b}."
+    """One fact of `arithmetic_facts`, in words and in digits."""
+    a, op, b, c = rng.choice(arithmetic_facts())
+    verb = "plus" if op == "+" else "minus"
+    return f"{number_word(a).capitalize()} {verb} {number_word(b)} is {number_word(c)}. {a} {op} {b} = {c}."
+
+
+def _arithmetic_drill(rng: random.Random) -> str:
+    """Three to five facts in the form the thinking stage's steps use: `7 + 5 = 12.`"""
+    return " ".join("{} {} {} = {}.".format(*fact) for fact in rng.sample(arithmetic_facts(), rng.randint(3, 5)))
+
+
+def _copy_drill(rng: random.Random, name: str) -> str:
+    """A random sequence said twice: its second half can only be predicted by copying the first,
+    which is the skill (an induction head) every later stage needs to read values off a prompt."""
+    pool = WORDS + NAMES + tuple(str(n) for n in range(MAX_OPERAND + 1))
+    seq = " ".join(rng.sample(pool, rng.randint(3, 6)))
+    return f"{name} reads out: {seq}. {_pronoun(name)} says it again: {seq}."
 
 
 def _embedding_part(rng: random.Random, name: str, items: str) -> str:
@@ -320,7 +348,7 @@ def _embedding_part(rng: random.Random, name: str, items: str) -> str:
     facts = WORLD[name]
     other = rng.choice([n for n in NAMES if n != name])
     thing = rng.choice(THINGS)
-    have, more = rng.randint(2, 15), rng.randint(1, 9)
+    have, more = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
     word = rng.choice(WORDS)
     pro = _pronoun(name)
     makers: tuple[Callable[[], str], ...] = (
@@ -333,11 +361,18 @@ def _embedding_part(rng: random.Random, name: str, items: str) -> str:
         lambda: f"{name} has {have} {items}. {pro} gives {min(more, have)} to {other}. Now {name} has {have - min(more, have)} {items}.",
         lambda: f"{name} has {have} {items}. How many {items} does {name} have? The answer is {have}.",
         lambda: _arithmetic_sentence(rng),
+        lambda: _arithmetic_drill(rng),
+        lambda: _arithmetic_drill(rng),
         lambda: f"{name} says hello to {other}: Hello, {other}!",
         lambda: f"{name} writes the word {word} three times: {word} {word} {word}. In uppercase it is {word.upper()}.",
         lambda: f"\nname: {name}\ntown: {facts['town']}\npet: {facts['pet']}\n",
         lambda: "\n" + json.dumps({"name": name, "town": facts["town"], "pet": facts["pet"]}) + "\n",
         lambda: "{} asks: {} As JSON: {}".format(name, *syntax_example(rng)),
+        lambda: "{} asks: {} As JSON: {}".format(name, *syntax_example(rng)),
+        lambda: _copy_drill(rng, name),
+        lambda: _copy_drill(rng, name),
+        lambda: _copy_drill(rng, name),
+        lambda: _copy_drill(rng, name),
     )
     return rng.choice(makers)()
 
