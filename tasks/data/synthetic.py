@@ -2,7 +2,7 @@
 
 Sized by `stages.<stage>.data.n_records` and fixed by `seed`. The curriculum is built for a tiny
 model (BPE vocab 1024, ~100 LoRA steps on CPU) to learn visibly: a small closed world, very regular
-templates, records of roughly 30-150 tokens.
+templates, records of roughly 30-220 tokens.
   embedding     raw text about the world: one-digit arithmetic facts, sequences said twice (so the
                 base learns to copy from its context), JSON and key: value lines
   syntax        "Extract JSON: <request>" -> {"intent": ..., "slots": {...}}
@@ -332,12 +332,31 @@ def _arithmetic_drill(rng: random.Random) -> str:
     return " ".join("{} {} {} = {}.".format(*fact) for fact in rng.sample(arithmetic_facts(), rng.randint(3, 5)))
 
 
-def _copy_drill(rng: random.Random, name: str) -> str:
+def copy_drill(rng: random.Random, name: str) -> str:
     """A random sequence said twice: its second half can only be predicted by copying the first,
     which is the skill (an induction head) every later stage needs to read values off a prompt."""
     pool = WORDS + NAMES + tuple(str(n) for n in range(MAX_OPERAND + 1))
     seq = " ".join(rng.sample(pool, rng.randint(3, 6)))
     return f"{name} reads out: {seq}. {_pronoun(name)} says it again: {seq}."
+
+
+# How many times each retold-count sentence is among an embedding part's choices: about half the
+# parts. The tiny base copies a count it has just read only when such text is this dense.
+RETOLD_WEIGHT = 5
+
+
+def _retold_counts(rng: random.Random, name: str, other: str, items: str) -> tuple[Callable[[], str], ...]:
+    """Counts stated, then said again (with the one-digit fact that changes them): text in which
+    a number can only be predicted by copying it from earlier, as a thinking step must."""
+    a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
+    other_items = rng.choice([i for i in ITEMS if i != items])
+    third = rng.choice([n for n in NAMES if n not in (name, other)])
+    return (
+        lambda: f"{third} has {a} {items} and {other} has {b} {other_items}. So {third} has {a} {items} and {other} has {b} {other_items}.",
+        lambda: f"{third} has {a} {items}. {_pronoun(third)} buys {b} more. {third} had {a} and bought {b}: {a} + {b} = {a + b}. Now {third} has {a + b} {items}.",
+        lambda: f"{other} has {a + b} {items}. {_pronoun(other)} gives {b} to {third}. {other} had {a + b} and gave {b}: {a + b} - {b} = {a}. Now {other} has {a} {items}.",
+        lambda: f"{third} has {a} {items}. {other} has {b} {items}. Together {third} and {other} have {a} + {b} = {a + b} {items}.",
+    )
 
 
 def _embedding_part(rng: random.Random, name: str, items: str) -> str:
@@ -369,11 +388,11 @@ def _embedding_part(rng: random.Random, name: str, items: str) -> str:
         lambda: "\n" + json.dumps({"name": name, "town": facts["town"], "pet": facts["pet"]}) + "\n",
         lambda: "{} asks: {} As JSON: {}".format(name, *syntax_example(rng)),
         lambda: "{} asks: {} As JSON: {}".format(name, *syntax_example(rng)),
-        lambda: _copy_drill(rng, name),
-        lambda: _copy_drill(rng, name),
-        lambda: _copy_drill(rng, name),
-        lambda: _copy_drill(rng, name),
-    )
+        lambda: copy_drill(rng, name),
+        lambda: copy_drill(rng, name),
+        lambda: copy_drill(rng, name),
+        lambda: copy_drill(rng, name),
+    ) + _retold_counts(rng, name, other, items) * RETOLD_WEIGHT
     return rng.choice(makers)()
 
 

@@ -1,0 +1,130 @@
+"""What the tiny base learnt in pretraining, without running the pipeline: the skills the SFT stages
+of the embedded default build on.
+
+    python bench/base_skills.py [--set max_steps=600 --set max_length=128 ...] [--n-records 2400]
+
+Builds the `embedding` stage's synthetic corpus from params.yaml (or `--n-records`), pretrains a
+tiny base with `tasks.base.build_tiny_base` (`model.tiny` from params.yaml; `--set` overrides keys
+of `model.tiny` or `model.tiny.pretrain`), then greedy-decodes held-out prompts, each after one
+true world sentence so a prompt never starts a document:
+  copy   a drilled sequence said again (`reads out: owl 7 Tom. She says it again:`)
+  facts  a one-digit sum or difference (`7 + 5 =`)
+  count  counts read off a story and one fact applied (`Tom has 4 eggs. He buys 3 more. Now Tom
+         has` -> `7`): what the thinking stage builds on
+  name   the story's name copied (`Tom has 4 eggs. He buys 3 more. Now` -> `Tom`); chance is 1 in 12 Settings and
+scores are printed as JSON (last line: the scores alone) and written to
+bench/results/base_skills.json. A base takes ~2 minutes
+at the default settings on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+PROMPTS_PER_SKILL = 40
+
+
+def tiny_config(overrides: list[str]):
+    """`model.tiny` from params.yaml with `key=value` overrides (a `pretrain` key or a model key)."""
+    from tasks.core.config import TinyModelConfig, load_params
+
+    tiny = load_params(PROJECT / "params.yaml").model.tiny.model_dump()
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section = tiny["pretrain"] if key in tiny["pretrain"] else tiny
+        if key not in section:
+            raise SystemExit(f"--set {item}: no such key in model.tiny or model.tiny.pretrain")
+        section[key] = type(section[key])(value)
+    return TinyModelConfig(**tiny)
+
+
+def skill_prompts(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """(prompt, expected start of the continuation) per skill."""
+    from tasks.data.synthetic import NAMES, PEOPLE, WORLD, arithmetic_facts, copy_drill
+
+    def context(name: str) -> str:
+        return f"{name} lives in {WORLD[name]['town']}. "
+
+    prompts: dict[str, list[tuple[str, str]]] = {"copy": [], "facts": [], "count": [], "name": []}
+    for _ in range(PROMPTS_PER_SKILL):
+        name = rng.choice(NAMES)
+        head, _, tail = copy_drill(rng, name).partition(" says it again:")
+        prompts["copy"].append((context(name) + head + " says it again:", tail.removesuffix(".")))
+        a, op, b, c = rng.choice(arithmetic_facts())
+        prompts["facts"].append((context(name) + f"{a} {op} {b} =", f" {c}."))
+        have, more = rng.randint(1, 9), rng.randint(1, 9)
+        story = context(name) + f"{name} has {have} eggs. {PEOPLE[name].capitalize()} buys {more} more. Now"
+        prompts["count"].append((f"{story} {name} has", f" {have + more} eggs"))
+        prompts["name"].append((story, f" {name}"))
+    return prompts
+
+
+def greedy_scores(base_dir: Path, prompts: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+
+    def continues_with(prompt: str, expected: str) -> bool:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=len(tokenizer(expected).input_ids) + 2, do_sample=False)
+        return tokenizer.decode(out[0, ids.shape[1]:]).startswith(expected)
+
+    return {skill: sum(continues_with(p, e) for p, e in pairs) / len(pairs) for skill, pairs in prompts.items()}
+
+
+def summary(scores: dict[str, float]) -> str:
+    return "  ".join(f"{skill} {score:.2f}" for skill, score in scores.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a model.tiny or model.tiny.pretrain key")
+    parser.add_argument("--n-records", type=int, default=None, help="embedding corpus size (default: params.yaml's)")
+    parser.add_argument("--seed", type=int, default=None, help="default: params.yaml's")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR", help="save the base here (default: thrown away)")
+    parser.add_argument("--score", type=Path, default=None, metavar="DIR", help="score this saved base; no pretraining")
+    args = parser.parse_args()
+
+    from tasks.base import build_tiny_base
+    from tasks.core.config import load_params
+    from tasks.data.synthetic import generate_stage_records
+
+    params = load_params(PROJECT / "params.yaml")
+    seed = params.seed if args.seed is None else args.seed
+    prompts = skill_prompts(random.Random(f"{seed}:base-skills"))
+    if args.score:
+        print("base skills:", summary(greedy_scores(args.score, prompts)), f"  ({args.score})")
+        return
+    n_records = args.n_records or params.stages["embedding"].data.n_records
+    tiny = tiny_config(args.set)
+    corpus = [r["text"] for r in generate_stage_records("embedding", "pretrain", n_records, seed)]
+    with tempfile.TemporaryDirectory() as work:
+        base_dir = args.keep or Path(work)
+        start = time.perf_counter()
+        build_tiny_base(tiny, corpus, seed, base_dir)
+        seconds = time.perf_counter() - start
+        scores = greedy_scores(base_dir, prompts)
+    result = {"settings": {"seed": seed, "embedding_records": n_records, "tiny": tiny.model_dump(),
+                           "prompts_per_skill": PROMPTS_PER_SKILL, "decoding": "greedy"},
+              "pretrain_seconds": round(seconds, 1), "scores": scores}
+    print(json.dumps(result, indent=2))
+    print("base skills:", summary(scores), f"  (pretraining {seconds:.0f} s)")
+    out = PROJECT / "bench" / "results" / "base_skills.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
