@@ -174,12 +174,12 @@ class TestThinking:
             assert sep and head.startswith("<think>\n"), reply
             answer = int(re.fullmatch(r"The answer is (\d+)\.", final).group(1))
             assert answer == solve(question), rec
-            equations = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", head)
-            for a, op, b, c in equations:
+            steps = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", head)
+            for a, op, b, c in steps:
                 assert (int(a), op, int(b), int(c)) in FACTS, rec  # one-digit facts only, all right
-            assert int(equations[-1][3]) == answer
+            assert int(steps[-1][3]) == answer
             if "together" not in question and "How many more" not in question:
-                shapes.add(len(equations))
+                shapes.add(len(steps))
         assert {1, 2} <= shapes  # one- and two-step problems both present
 
     def test_every_step_is_a_fact_the_base_pretrains_on(self, raw_params):

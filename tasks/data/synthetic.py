@@ -12,6 +12,7 @@ templates, records of roughly 30-220 tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -175,11 +176,12 @@ GAINS = ("buys {n} more", "finds {n} more", "gets {n} more from {other}")
 LOSSES = ("gives {n} to {other}", "loses {n}")
 
 
-def arithmetic_facts() -> list[tuple[int, str, int, int]]:
+@functools.cache
+def arithmetic_facts() -> tuple[tuple[int, str, int, int], ...]:
     """Every `a + b = c` with one-digit a and b, and its inverses `c - b = a`: the facts the
-    thinking stage's steps are made of (200 in all)."""
-    sums = [(a, "+", b, a + b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
-    return sums + [(c, "-", b, a) for a, _, b, c in sums]
+    thinking stage's steps are made of (200 in all). Built once: each embedding part draws from it."""
+    sums = tuple((a, "+", b, a + b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1))
+    return sums + tuple((c, "-", b, a) for a, _, b, c in sums)
 
 
 def _step(rng: random.Random, name: str, have: int) -> tuple[str, int]:
