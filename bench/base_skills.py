@@ -11,10 +11,9 @@ true world sentence so a prompt never starts a document:
   facts  a one-digit sum or difference (`7 + 5 =`)
   count  counts read off a story and one fact applied (`Tom has 4 eggs. He buys 3 more. Now Tom
          has` -> `7`): what the thinking stage builds on
-  name   the story's name copied (`Tom has 4 eggs. He buys 3 more. Now` -> `Tom`); chance is 1 in 12 Settings and
-scores are printed as JSON (last line: the scores alone) and written to
-bench/results/base_skills.json. A base takes ~2 minutes
-at the default settings on 2 cores.
+  name   the story's name copied (`Tom has 4 eggs. He buys 3 more. Now` -> `Tom`); chance is 1 in 12
+Settings and scores are printed as JSON (last line: the scores alone) and written to
+bench/results/base_skills.json. A base takes ~2 minutes at the default settings on 2 cores.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ def tiny_config(overrides: list[str]):
 
 def skill_prompts(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
     """(prompt, expected start of the continuation) per skill."""
-    from tasks.data.synthetic import NAMES, PEOPLE, WORLD, arithmetic_facts, copy_drill
+    from tasks.data.synthetic import MAX_OPERAND, NAMES, PEOPLE, WORLD, arithmetic_facts, copy_drill
 
     def context(name: str) -> str:
         return f"{name} lives in {WORLD[name]['town']}. "
@@ -61,7 +60,7 @@ def skill_prompts(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
         prompts["copy"].append((context(name) + head + " says it again:", tail.removesuffix(".")))
         a, op, b, c = rng.choice(arithmetic_facts())
         prompts["facts"].append((context(name) + f"{a} {op} {b} =", f" {c}."))
-        have, more = rng.randint(1, 9), rng.randint(1, 9)
+        have, more = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
         story = context(name) + f"{name} has {have} eggs. {PEOPLE[name].capitalize()} buys {more} more. Now"
         prompts["count"].append((f"{story} {name} has", f" {have + more} eggs"))
         prompts["name"].append((story, f" {name}"))
