@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tasks.core.config import ConfigError, load_params, parse_params
+from tasks.core.config import ConfigError, Params, load_params, parse_params
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -39,15 +39,19 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
-    """ConfigError unless params_file with `overrides` applied is valid config (nothing is written)."""
+def params_with(params_file: Path, overrides: dict[str, Any]) -> Params:
+    """The typed config of params_file with `overrides` applied (nothing is written); ConfigError if invalid."""
     if not overrides:
-        load_params(params_file)
-        return
+        return load_params(params_file)
     plain = yaml.safe_load(params_file.read_text()) or {}
     for key, value in overrides.items():
         set_dotted(plain, key, copy.deepcopy(value))
-    parse_params(plain, f"{params_file} with overrides {sorted(overrides)}")
+    return parse_params(plain, f"{params_file} with overrides {sorted(overrides)}")
+
+
+def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """ConfigError unless params_file with `overrides` applied is valid config (nothing is written)."""
+    params_with(params_file, overrides)
 
 
 def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:

@@ -416,6 +416,26 @@ def replay_rows(stage: str, own: list[dict], earlier: list[list[dict]], share: f
     return [pool[i] for i in replay_plan(stage, len(own), len(pool), share, seed)]
 
 
+def mix_rows(stage: str, prepared: dict[str, Rows], weights: dict[str, float], seed: int) -> Rows:
+    """`stages.<stage>.data.mix`: the named stages' training rows, each repeated by its weight (2.5:
+    every row twice and a seeded half once more), one after another; the trainer shuffles them.
+    A row can be in several of them (a later stage replays an earlier one's), so every repeat of a
+    record gets its own `~k` hash: the first keeps the record's."""
+    parts = []
+    for source, weight in weights.items():
+        rows = prepared[source]
+        plan, _ = weight_plan([source] * len(rows), {source: weight}, f"{stage}:mix", seed)
+        parts.append(rows.take([i for i, _ in plan]))
+    mixed = Rows.concat(parts)
+    seen: Counter = Counter()
+    hashes = []
+    for content_hash in mixed.content_hash:
+        record = content_hash.split("~", 1)[0]
+        hashes.append(f"{record}~{seen[record]}" if seen[record] else record)
+        seen[record] += 1
+    return mixed.with_hashes(hashes)
+
+
 # --- write ----------------------------------------------------------------------------------------
 
 
@@ -541,6 +561,8 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
     stage's rows are built here.
     """
     results, report, own_train, writes = [], {}, [], []
+    mixed_from = {source for data in stages for source in data.spec.data.mix}
+    prepared: dict[str, Rows] = {}  # final training rows of the stages a later `mix` names
     for data in stages:
         stage_started = time.perf_counter()
         encoded = encoder.finish(data.stage)
@@ -560,6 +582,11 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
         replayed = Rows.take_across(own_train, replay) if replay else Rows.empty()
         own_train.append(train)
         train = Rows.concat([train, replayed]) if replay else train
+        if data.stage in mixed_from:
+            prepared[data.stage] = train
+        if data.spec.data.mix:
+            train = mix_rows(data.stage, prepared, data.spec.data.mix, seed)
+            data.counts["mixed_rows"] = len(train)
         packing = None
         if cfg.packing.enabled:
             row_length = cfg.packing.row_length or cfg.max_length

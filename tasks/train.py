@@ -77,8 +77,12 @@ def train_stage(stage: str, params: Params) -> StageResult:
     workdir = paths.checkpoint_dir(stage, run_key(stage, params))
     rows = read_packed_rows(stage) if job.train.packing else read_rows(stage, "train")
     with live_run(job, workdir) as run:
-        summary = run_trainer(model, rows, schedule, tokenizer.pad_token_id, workdir,
-                              on_step=run.log_step if run else None)
+        if schedule.max_steps:
+            summary = run_trainer(model, rows, schedule, tokenizer.pad_token_id, workdir,
+                                  on_step=run.log_step if run else None)
+        else:  # max_steps 0: the adapter it starts from goes on as this stage's (the ablation's `mixed`)
+            log.info("train@%s: max_steps is 0: the adapter of %s passes on untrained", stage, job.spec.init_from)
+            summary = TrainingSummary.untrained()
         if is_main_process():  # the processes share one checkpoints folder
             shutil.rmtree(paths.CHECKPOINTS_DIR / stage, ignore_errors=True)  # done: nothing left to resume
         eval_loss = mean_token_loss(model, read_rows(stage, "eval"), tokenizer.pad_token_id)
@@ -219,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("train@%s: process %d of %d done, eval loss %.6f", args.stage, rank, processes, result.eval_loss)
         if not is_main_process():
             return []
+        if not s.steps:
+            return [f"train@{result.stage}: 0 steps: the adapter of {result.init_from} passed on, "
+                    f"eval loss {result.eval_loss:.3f}"]
         return [
             f"train@{result.stage}: loss {s.first_loss:.3f} -> {s.last_loss:.3f} in {s.steps} steps, "
             f"eval loss {result.eval_loss:.3f}, {s.tokens_per_second:.0f} tokens/s"

@@ -229,6 +229,38 @@ def test_two_runs_of_a_stage_make_the_same_adapter(in_project):
     assert all(first[k].equal(second[k]) for k in first)
 
 
+def with_stage_steps(params, stage: str, steps: int):
+    raw = params.model_dump(mode="json", by_alias=True)
+    raw["stages"][stage]["train"]["max_steps"] = steps
+    return parse_params(raw)
+
+
+def test_a_stage_of_0_steps_passes_its_starting_adapter_on(in_project):
+    """The ablation's `mixed` variant: stages before the mixture train nothing."""
+    params = tiny_params()
+    train_step.train_stage("embedding", params)
+    result = train_step.train_stage("syntax", with_stage_steps(params, "syntax", 0))
+    before, after = lora_tensors("embedding"), lora_tensors("syntax")
+    assert result.summary.steps == 0 and result.summary.tokens_seen == 0
+    assert set(after) == set(before) and all(after[k].equal(before[k]) for k in before)
+    metrics = json.loads(paths.train_metrics("syntax").read_text())
+    assert metrics["steps"] == 0 and metrics["first_loss"] is None and metrics["tokens_trained"] == 0
+    assert paths.train_history("syntax").read_text() == ""
+
+
+def test_train_seed_changes_training_and_only_training(in_project):
+    params = tiny_params()
+    raw = params.model_dump(mode="json", by_alias=True)
+    raw["train"]["seed"] = params.seed + 1
+    reseeded = parse_params(raw)
+    assert reseeded.train_job("embedding").seed == params.seed + 1 and reseeded.seed == params.seed
+    train_step.train_stage("embedding", params)
+    first = lora_tensors("embedding")
+    train_step.train_stage("embedding", reseeded)
+    second = lora_tensors("embedding")
+    assert any(not first[k].equal(second[k]) for k in first)
+
+
 def test_merge_policy_trains_a_new_adapter_on_the_merged_chain(in_project):
     import torch
     from peft import PeftModel

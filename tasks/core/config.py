@@ -6,6 +6,7 @@ fail here, before any work, with the dotted key that is wrong.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -71,6 +72,11 @@ class StageData(Strict):
     # Share of this stage's training rows drawn from earlier stages' training data, against
     # forgetting what they taught (sampled deterministically in `prepare`).
     replay_share: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # Stage -> weight: this stage trains on those stages' training rows as prepared (their own rows
+    # plus their replay), each repeated by its weight, instead of on its own rows alone. The
+    # ablation's `mixed` variant writes it (flows/ablation_plan.py); a stage may name itself and
+    # stages listed before it.
+    mix: dict[str, PositiveFloat] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _has_data(self) -> StageData:
@@ -249,7 +255,9 @@ class LoraConfig(Strict):
 class StageTraining(Strict):
     """A stage's optimisation settings (read by `train@<stage>`)."""
 
-    max_steps: PositiveInt
+    # 0: the stage trains nothing and passes on the adapter it starts from (the ablation's `mixed`
+    # variant, where one stage trains on the others' data).
+    max_steps: Annotated[int, Field(ge=0)]
     batch_size: PositiveInt = 8
     gradient_accumulation_steps: PositiveInt = 1
     learning_rate: PositiveFloat
@@ -298,6 +306,10 @@ class LauncherConfig(Strict):
 
 
 class TrainConfig(Strict):
+    # Seed of training (adapter init, batch order); None: the top-level `seed`. Only the training
+    # stages read it, so the ablation repeats training under several seeds without re-running the
+    # data stages or the base.
+    seed: int | None = None
     quantization: Literal["none", "nf4"] = "none"
     # continue: keep training the previous stage's adapter; merge: merge it into a full-precision
     # copy of the base and train a new adapter on top (see tasks/core/chain.py).
@@ -379,6 +391,56 @@ class ExportConfig(Strict):
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # of the saved weights
 
 
+class AblationVariant(Strict):
+    """One arm of the curriculum ablation (flows/ablation.py): the current params.yaml with `set`
+    applied, and optionally several stages trained as one mixture."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    description: str = ""
+    # Dotted params.yaml keys and the values this variant uses, e.g. {stages.syntax.data.replay_share: 0.0}.
+    overrides: dict[str, Any] = Field(default_factory=dict, alias="set")
+    # Stages trained as one mixture: the last of them trains on all their training rows, each
+    # weighted to the rows the staged curriculum draws from it, for their summed steps (the same
+    # training tokens, in one stage); the others train 0 steps.
+    mix: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _mix_of_two(self) -> AblationVariant:
+        if len(self.mix) == 1:
+            raise ValueError("mix needs at least two stages (or none)")
+        return self
+
+
+def _default_variants() -> dict[str, AblationVariant]:
+    return {"staged": AblationVariant(description="the curriculum as configured")}
+
+
+class AblationConfig(Strict):
+    """`python -m flows.ablation`: variants of this params.yaml trained at an equal token budget and
+    evaluated by the same code; a verdict table says which wins each metric (README)."""
+
+    # Training seeds (train.seed) each variant runs under: >= 2 to tell a difference from noise.
+    seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [1234, 1235])
+    variants: dict[str, AblationVariant] = Field(default_factory=_default_variants)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # true: each run also runs `register` (a model version per run)
+    register_: bool = Field(default=False, alias="register")
+    # The verdict's metrics, as named in metrics/evaluate.json `final`; [] = every one.
+    metrics: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AblationConfig:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        if not self.variants:
+            raise ValueError("list at least one variant")
+        if bad := [name for name in self.variants if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name)]:
+            raise ValueError(f"variant names are letters, digits, - and _ (they name DVC experiments): {bad}")
+        return self
+
+
 OLD_LAYOUT_KEYS = {"data.stages": "stages.<name>.{kind, data, checks}", "train.stages": "stages.<name>.{init_from, train}"}
 
 
@@ -394,6 +456,7 @@ class Params(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     export: ExportConfig = Field(default_factory=ExportConfig)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -410,6 +473,9 @@ class Params(Strict):
                     f"stages.{name}.init_from is {spec.init_from!r}: it must be `base` or a "
                     f"stage listed before it ({', '.join(seen) or 'none'})"
                 )
+            if unknown := [m for m in spec.data.mix if m not in (*seen, name)]:
+                raise ValueError(f"stages.{name}.data.mix names {', '.join(unknown)}: it may name {name} "
+                                 f"and the stages listed before it ({', '.join(seen) or 'none'})")
             seen.append(name)
         return self
 
@@ -427,7 +493,8 @@ class Params(Strict):
     def train_job(self, stage: str) -> TrainJob:
         if stage not in self.stages:
             raise ConfigError(f"train: no stage {stage!r} in `stages` ({', '.join(self.stage_names)})")
-        return TrainJob(stage, self.stages[stage], self.train, self.lora_for(stage), self.seed,
+        seed = self.seed if self.train.seed is None else self.train.seed
+        return TrainJob(stage, self.stages[stage], self.train, self.lora_for(stage), seed,
                         self.prepare.max_length, self.register_.experiment)
 
 

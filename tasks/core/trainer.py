@@ -270,6 +270,12 @@ class TrainingSummary:
     tokens_per_second: float
     history: list[dict[str, float]] = field(default_factory=list)
 
+    @classmethod
+    def untrained(cls) -> TrainingSummary:
+        """A stage of 0 steps: nothing trained, no loss to report (null in its metrics)."""
+        return cls(resumed_from_step=0, steps=0, train_loss=None, first_loss=None, last_loss=None,  # type: ignore[arg-type]
+                   tokens_seen=0, seconds=0.0, tokens_per_second=0.0)
+
     def metrics(self) -> dict[str, float]:
         out = {k: v for k, v in self.__dict__.items() if k != "history"}
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
