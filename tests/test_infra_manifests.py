@@ -30,7 +30,8 @@ PREFECT_YAML = PROJECT / "prefect.yaml"
 TRAIN_FLOW = PROJECT / "flows" / "train_stage.py"
 
 # Which compose worker serves each prefect.yaml deployment (by entrypoint).
-WORKER_OF_ENTRYPOINT = {"flows/pipeline.py:pipeline": "worker-cpu", "flows/train_stage.py:train_stage": "worker-gpu"}
+WORKER_OF_ENTRYPOINT = {"flows/pipeline.py:pipeline": "worker-cpu", "flows/ablation.py:ablation": "worker-cpu",
+                        "flows/train_stage.py:train_stage": "worker-gpu"}
 TRAIN_ENTRYPOINT = "flows/train_stage.py:train_stage"
 SECRET_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD",
               "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}

@@ -1,0 +1,105 @@
+"""The runs of a curriculum ablation: each variant of `ablation.variants` under each seed, as the
+params.yaml overrides that make it, at the same training-token budget.
+
+A variant is the current params.yaml with its `set` applied. A `mix` variant trains several stages
+as one: the last of them trains on all their training rows (`stages.<last>.data.mix`), each stage's
+rows weighted to the rows the staged curriculum draws from it (steps x batch), for the sum of their
+steps; the others train 0 steps. The mixture then holds the same rows, and so the same tokens, as
+the staged run, in one shuffled stage instead of in order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.core.config import AblationVariant, ConfigError, Params, StageTraining
+
+
+@dataclass(frozen=True)
+class AblationRun:
+    """One DVC experiment of the ablation: a variant under one training seed."""
+
+    variant: str
+    seed: int
+    name: str  # the DVC experiment's name
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def rows_per_step(train: StageTraining, processes: int = 1) -> int:
+    """Training rows one optimizer step draws."""
+    return train.batch_size * train.gradient_accumulation_steps * processes
+
+
+def train_rows(report: dict, stage: str) -> int:
+    """The stage's training rows as prepared (its own and its replay), from metrics/data.json."""
+    line = report.get(stage)
+    if not line or not line.get("train_rows"):
+        raise ConfigError(f"metrics/data.json has no training rows for stage {stage!r}: run `dvc repro validate` first")
+    return int(line["train_rows"])
+
+
+def mix_overrides(params: Params, stages: list[str], report: dict) -> dict[str, Any]:
+    """The overrides that train `stages` as one mixture in the last of them (see the module docstring)."""
+    if params.train.packing:
+        raise ConfigError("ablation: a `mix` variant needs train.packing: false (its budget is counted in unpacked rows)")
+    if unknown := [s for s in stages if s not in params.stages]:
+        raise ConfigError(f"ablation: mix names {', '.join(unknown)}, not stages of the curriculum "
+                          f"({', '.join(params.stage_names)}): edit the variant in params.yaml's ablation block")
+    ordered = [s for s in params.stage_names if s in stages]
+    last = ordered[-1]
+    target = params.stages[last].train
+    drawn = {s: params.stages[s].train.max_steps * rows_per_step(params.stages[s].train) for s in ordered}
+    weights = {s: round(drawn[s] / train_rows(report, s), 6) for s in ordered}
+    steps = math.ceil(sum(drawn.values()) / rows_per_step(target))
+    overrides: dict[str, Any] = {f"stages.{s}.train.max_steps": 0 for s in ordered[:-1]}
+    return overrides | {f"stages.{last}.data.mix": weights, f"stages.{last}.train.max_steps": steps}
+
+
+def variant_overrides(params: Params, variant: AblationVariant, report: dict) -> dict[str, Any]:
+    """The params.yaml overrides of one variant (before its seed)."""
+    overrides = dict(variant.overrides)
+    if variant.mix:
+        overrides |= mix_overrides(params, variant.mix, report)
+    return overrides
+
+
+def seed_override(params: Params, seed: int) -> dict[str, Any]:
+    """`train.seed`, unless training already uses that seed: then the run is the workspace's own
+    training, and DVC finds it cached."""
+    current = params.seed if params.train.seed is None else params.train.seed
+    return {} if seed == current else {"train.seed": seed}
+
+
+def plan_runs(params: Params, report: dict, suffix: str, variants: list[str] | None = None,
+              seeds: list[int] | None = None) -> list[AblationRun]:
+    """Every (variant, seed) run, variants in params order; `suffix` keeps DVC experiment names unique."""
+    chosen = variants or list(params.ablation.variants)
+    if unknown := [v for v in chosen if v not in params.ablation.variants]:
+        raise ConfigError(f"ablation: no variant {', '.join(unknown)} in params.yaml "
+                          f"(ablation.variants: {', '.join(params.ablation.variants)})")
+    runs = []
+    for name in chosen:
+        overrides = variant_overrides(params, params.ablation.variants[name], report)
+        for seed in seeds or params.ablation.seeds:
+            runs.append(AblationRun(name, seed, f"{name}-s{seed}-{suffix}", overrides | seed_override(params, seed)))
+    return runs
+
+
+def tokens_drawn(params: Params, report: dict) -> dict[str, float]:
+    """Training tokens each stage's data contributes under `params`: rows drawn x mean tokens per row
+    (from metrics/data.json). A mixed stage draws from each stage it mixes in proportion to the
+    rows it holds of it. This is the budget the variants are held equal on."""
+    per_row = {s: line["train_tokens"] / max(line["train_rows"] - line.get("train_rows_replayed", 0), 1)
+               for s, line in report.items() if isinstance(line, dict) and "train_rows" in line}
+    drawn: dict[str, float] = {}
+    for stage, spec in params.stages.items():
+        rows = spec.train.max_steps * rows_per_step(spec.train)
+        if not spec.data.mix:
+            drawn[stage] = drawn.get(stage, 0.0) + rows * per_row[stage]
+            continue
+        held = {s: w * train_rows(report, s) for s, w in spec.data.mix.items()}
+        for source, n in held.items():
+            drawn[source] = drawn.get(source, 0.0) + rows * n / sum(held.values()) * per_row[source]
+    return drawn
