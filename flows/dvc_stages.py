@@ -29,13 +29,12 @@ class StageFailed(RuntimeError):
 
 def stage_order(project: Path) -> list[str]:
     """Stage names of dvc.yaml in an order where every stage follows its dependencies."""
-    import networkx as nx
     from dvc.repo import Repo
 
+    from tasks.core.dag import ordered_stages
+
     with Repo(str(project)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        ordered = list(reversed(list(nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing))))
-        return [stage.addressing for stage in ordered if getattr(stage, "cmd", None)]
+        return [stage.addressing for stage in ordered_stages(repo)]
 
 
 def stage_is_up_to_date(project: Path, name: str) -> bool:

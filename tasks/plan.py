@@ -128,10 +128,11 @@ def stage_plans(root: Path) -> list[StagePlan]:
     import networkx as nx
     from dvc.repo import Repo
 
+    from tasks.core.dag import ordered_stages
+
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # an edge points from a stage to a stage it depends on
-        order = [s for s in reversed(list(nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing)))
-                 if getattr(s, "cmd", None)]
+        order = ordered_stages(repo)
         status = repo.status()
         changed = {s for s in order if s.addressing in status}
         plans = []
