@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tasks.core.config import ConfigError, Params, load_params, parse_params
+from tasks.core.config import ConfigError, Params, load_params, parse_params, set_dotted
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -24,19 +24,6 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return key.strip(), parsed
-
-
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    """Set an existing or new leaf; the parent mapping must exist so typos fail loudly."""
-    *parents, leaf = key.split(".")
-    node = tree
-    for depth, part in enumerate(parents):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"override {key}: no key {'.'.join(parents[: depth + 1])} in params.yaml")
-        node = node[part]
-    if not isinstance(node, dict):
-        raise ConfigError(f"override {key}: {'.'.join(parents)} is not a mapping")
-    node[leaf] = value
 
 
 def params_with(params_file: Path, overrides: dict[str, Any]) -> Params:

@@ -401,19 +401,33 @@ def weight_rows(rows: Rows, weights: dict[str, float], stage: str, seed: int) ->
     return mixed.with_hashes([h if k == 0 else f"{h}~{k}" for h, (_, k) in zip(mixed.content_hash, plan)]), counts
 
 
-def replay_plan(stage: str, n_own: int, pool_size: int, share: float, seed: int) -> list[int]:
-    """Positions in the pool of earlier stages' training rows to replay so that `share` of the mix is replay."""
+def replay_plan(stage: str, n_own: int, sizes: list[int], share: float, seed: int, balance: str = "row") -> list[int]:
+    """Positions in the pool of earlier stages' training rows (stage after stage, `sizes` rows each)
+    to replay so that `share` of the mix is replay. `row`: drawn from the pooled rows, so each
+    earlier stage gives in proportion to its size; `stage`: each earlier stage gives an equal part
+    (a large pretraining corpus then no longer crowds out the SFT stages it sits beside)."""
     wanted = round(n_own * share / (1 - share)) if share else 0
+    pool_size = sum(sizes)
     if not pool_size or not wanted:
         return []
-    rng = random.Random(f"{seed}:replay:{stage}")
-    return rng.sample(range(pool_size), min(wanted, pool_size))  # the positions sample(pool, k) takes
+    if balance == "row":
+        rng = random.Random(f"{seed}:replay:{stage}")
+        return rng.sample(range(pool_size), min(wanted, pool_size))  # the positions sample(pool, k) takes
+    filled = [i for i, n in enumerate(sizes) if n]
+    quotas = {i: wanted // len(filled) + (k < wanted % len(filled)) for k, i in enumerate(filled)}
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    positions = []
+    for i, quota in quotas.items():
+        rng = random.Random(f"{seed}:replay:{stage}:{i}")
+        positions += [starts[i] + j for j in rng.sample(range(sizes[i]), min(quota, sizes[i]))]
+    return positions
 
 
-def replay_rows(stage: str, own: list[dict], earlier: list[list[dict]], share: float, seed: int) -> list[dict]:
+def replay_rows(stage: str, own: list[dict], earlier: list[list[dict]], share: float, seed: int,
+                balance: str = "row") -> list[dict]:
     """Rows sampled from earlier stages' training data so that `share` of the mix is replay."""
     pool = [row for rows in earlier for row in rows]
-    return [pool[i] for i in replay_plan(stage, len(own), len(pool), share, seed)]
+    return [pool[i] for i in replay_plan(stage, len(own), [len(rows) for rows in earlier], share, seed, balance)]
 
 
 def mix_rows(stage: str, prepared: dict[str, Rows], weights: dict[str, float], seed: int) -> Rows:
@@ -481,6 +495,7 @@ def stage_report(data: StageData, train: Rows, eval_rows: Rows, replayed: int, p
         "train_rows_replayed": replayed,
         "eval_rows": len(eval_rows),
         "train_tokens": int(train.n_tokens[own].sum()),
+        "train_tokens_replayed": int(train.n_tokens[[not o for o in own]].sum()),
         "train_trainable_tokens": int(train.n_trainable[own].sum()),
         "eval_tokens": int(eval_rows.n_tokens.sum()),
         "packing": packing,
@@ -578,7 +593,8 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
         weights = {str(i): s.weight for i, s in enumerate(data.spec.data.sources)}
         train, weight_counts = weight_rows(train, weights, data.stage, seed)
         data.counts.update(weight_counts)
-        replay = replay_plan(data.stage, len(train), sum(map(len, own_train)), data.spec.data.replay_share, seed)
+        replay = replay_plan(data.stage, len(train), list(map(len, own_train)), data.spec.data.replay_share, seed,
+                             cfg.replay_balance)
         replayed = Rows.take_across(own_train, replay) if replay else Rows.empty()
         own_train.append(train)
         train = Rows.concat([train, replayed]) if replay else train

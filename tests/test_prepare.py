@@ -251,6 +251,17 @@ class TestReplayRows:
         assert replay_rows("syntax", self.own, self.earlier, 0.3, seed=99) != first
         assert replay_rows("thinking", self.own, self.earlier, 0.3, seed=1234) != first
 
+    def test_stage_balance_takes_an_equal_part_from_each_earlier_stage(self):
+        earlier = [[{"id": f"a{i}"} for i in range(400)], [{"id": f"b{i}"} for i in range(40)], [], [{"id": f"c{i}"} for i in range(40)]]
+        rows = replay_rows("thinking", self.own, earlier, share=0.3, seed=5, balance="stage")
+        firsts = [row["id"][0] for row in rows]
+        assert (firsts.count("a"), firsts.count("b"), firsts.count("c")) == (10, 10, 10)
+        assert len({row["id"] for row in rows}) == 30
+        pooled = [row["id"][0] for row in replay_rows("thinking", self.own, earlier, share=0.3, seed=5)]
+        assert pooled.count("a") > 20  # pooled: the big stage gives most
+        small = [[{"id": f"a{i}"} for i in range(400)], [{"id": "b0"}, {"id": "b1"}]]
+        assert [r["id"][0] for r in replay_rows("thinking", self.own, small, 0.3, 5, "stage")].count("b") == 2  # all it has
+
     @pytest.mark.parametrize(
         "own_count, earlier, share",
         [(70, [[{"id": 1}]] * 3, 0.0), (70, [], 0.3), (70, [[], []], 0.3), (0, [[{"id": 1}]], 0.3)],

@@ -5,16 +5,20 @@ A variant is the current params.yaml with its `set` applied. A `mix` variant tra
 as one: the last of them trains on all their training rows (`stages.<last>.data.mix`), each stage's
 rows weighted to the rows the staged curriculum draws from it (steps x batch), for the sum of their
 steps; the others train 0 steps. The mixture then holds the same rows, and so the same tokens, as
-the staged run, in one shuffled stage instead of in order.
+the staged run, in one shuffled stage instead of in order. A variant whose rows are shorter or
+longer on average (no replay of the long pretraining rows, say) trains each stage for more or fewer
+steps, so every stage still trains the tokens it trains in the configured curriculum; a stage whose
+training the variant sets itself keeps its settings.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.core.config import AblationVariant, ConfigError, Params, StageTraining
+from tasks.core.config import AblationVariant, ConfigError, Params, StageTraining, parse_params, set_dotted
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,50 @@ def mix_overrides(params: Params, stages: list[str], report: dict) -> dict[str, 
     return overrides | {f"stages.{last}.data.mix": weights, f"stages.{last}.train.max_steps": steps}
 
 
+def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
+    """`params` with dotted-key overrides applied, validated."""
+    raw = params.model_dump(mode="json", by_alias=True)
+    for key, value in overrides.items():
+        set_dotted(raw, key, copy.deepcopy(value))
+    return parse_params(raw, f"params.yaml with overrides {sorted(overrides)}")
+
+
+def row_tokens(params: Params, report: dict, stage: str) -> float:
+    """Mean tokens per training row of `stage` under `params`: its own rows and its replay (whose
+    mean length metrics/data.json gives) in the proportion its replay_share makes."""
+    line = report[stage]
+    replayed = line.get("train_rows_replayed", 0)
+    own_rows = max(line["train_rows"] - replayed, 1)
+    own_mean = line["train_tokens"] / own_rows
+    replay_mean = line["train_tokens_replayed"] / replayed if replayed and "train_tokens_replayed" in line else own_mean
+    share = params.stages[stage].data.replay_share
+    n_replay = round(own_rows * share / (1 - share)) if share and params.stage_names.index(stage) else 0
+    return (own_rows * own_mean + n_replay * replay_mean) / (own_rows + n_replay)
+
+
+def equal_budget(baseline: Params, variant: Params, report: dict, kept: set[str]) -> dict[str, Any]:
+    """`max_steps` overrides that give each stage of `variant` the tokens it trains under
+    `baseline`, for the stages whose rows change length on average; stages in `kept` (the variant
+    sets their training itself), mixtures and 0-step stages are left as they are."""
+    out: dict[str, Any] = {}
+    for stage, spec in variant.stages.items():
+        if stage in kept or spec.data.mix or not spec.train.max_steps or stage not in baseline.stages:
+            continue
+        base = baseline.stages[stage].train
+        tokens = base.max_steps * rows_per_step(base) * row_tokens(baseline, report, stage)
+        steps = max(1, round(tokens / (rows_per_step(spec.train) * row_tokens(variant, report, stage))))
+        if steps != spec.train.max_steps:
+            out[f"stages.{stage}.train.max_steps"] = steps
+    return out
+
+
 def variant_overrides(params: Params, variant: AblationVariant, report: dict) -> dict[str, Any]:
-    """The params.yaml overrides of one variant (before its seed)."""
+    """The params.yaml overrides of one variant (before its seed), at the baseline's token budget."""
     overrides = dict(variant.overrides)
     if variant.mix:
         overrides |= mix_overrides(params, variant.mix, report)
-    return overrides
+    kept = {key.split(".")[1] for key in variant.overrides if key.startswith("stages.") and ".train." in key}
+    return overrides | equal_budget(params, with_overrides(params, overrides), report, kept)
 
 
 def seed_override(params: Params, seed: int) -> dict[str, Any]:
@@ -89,17 +131,15 @@ def plan_runs(params: Params, report: dict, suffix: str, variants: list[str] | N
 
 def tokens_drawn(params: Params, report: dict) -> dict[str, float]:
     """Training tokens each stage's data contributes under `params`: rows drawn x mean tokens per row
-    (from metrics/data.json). A mixed stage draws from each stage it mixes in proportion to the
-    rows it holds of it. This is the budget the variants are held equal on."""
-    per_row = {s: line["train_tokens"] / max(line["train_rows"] - line.get("train_rows_replayed", 0), 1)
-               for s, line in report.items() if isinstance(line, dict) and "train_rows" in line}
+    (`row_tokens`). A mixed stage draws from each stage it mixes in proportion to the rows it holds
+    of it. This is the budget the variants are held equal on."""
     drawn: dict[str, float] = {}
     for stage, spec in params.stages.items():
         rows = spec.train.max_steps * rows_per_step(spec.train)
         if not spec.data.mix:
-            drawn[stage] = drawn.get(stage, 0.0) + rows * per_row[stage]
+            drawn[stage] = drawn.get(stage, 0.0) + rows * row_tokens(params, report, stage)
             continue
         held = {s: w * train_rows(report, s) for s, w in spec.data.mix.items()}
         for source, n in held.items():
-            drawn[source] = drawn.get(source, 0.0) + rows * n / sum(held.values()) * per_row[source]
+            drawn[source] = drawn.get(source, 0.0) + rows * n / sum(held.values()) * row_tokens(params, report, source)
     return drawn

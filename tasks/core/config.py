@@ -190,6 +190,10 @@ class PrepareConfig(Strict):
     # last_turn: the last reply's row only. auto: single_render or per_turn, by probing the template.
     multi_turn: Literal["auto", "per_turn", "last_turn", "single_render"] = "auto"
     eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    # How a stage's replay (stages.<stage>.data.replay_share) is drawn from the stages before it.
+    # row: from all their training rows pooled, so each gives in proportion to its size; stage: an
+    # equal part from each, so a large pretraining corpus does not crowd out the SFT stages.
+    replay_balance: Literal["row", "stage"] = "row"
     # A record longer than this (characters of text, or of all messages) goes to the rejects as
     # `too_large` before any work: one document costs prepare about 0.13 GB of memory a million
     # characters (bench/prepare_memory.py --line), so the default keeps one record under ~1.5 GB.
@@ -545,6 +549,19 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
                 msg = "unknown key (check the spelling against params.yaml's documented keys)"
             lines.append(f"  {key}: {msg}")
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set an existing or new leaf; the parent mapping must exist so typos fail loudly."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for depth, part in enumerate(parents):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"override {key}: no key {'.'.join(parents[: depth + 1])} in params.yaml")
+        node = node[part]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {key}: {'.'.join(parents)} is not a mapping")
+    node[leaf] = value
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
