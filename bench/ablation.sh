@@ -4,11 +4,15 @@
 # MLflow store, nothing reused), and reports what DVC's caching saved: the shared stages' time
 # counted once instead of once per run.
 #   bash bench/ablation.sh [--variants a,b] [--seeds 1,2]     # arguments go to flows.ablation
+#   KEEP=/tmp/ablation bash bench/ablation.sh                 # work there and keep it (dvc exp show, mlflow ui)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$here/.venv/bin/python}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+if [ -n "${KEEP:-}" ]; then
+  work=$KEEP; mkdir -p "$work"; [ -z "$(ls -A "$work")" ] || { echo "KEEP=$work is not empty"; exit 2; }
+else
+  work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+fi
 cd "$here"
 git ls-files -co --exclude-standard | grep -vx dvc.lock | while read -r f; do
   [ -f "$f" ] && mkdir -p "$work/$(dirname "$f")" && cp "$f" "$work/$f"
