@@ -203,11 +203,14 @@ def lora_parameters(model: nn.Module, lora: LoraConfig) -> int:
 
 def stage_memory(model: nn.Module, shape: Shape, dtype_bytes: int) -> dict[str, int]:
     """The preflight's memory terms for one step of this shape (tasks/core/preflight.py::memory_terms)."""
-    from tasks.core.preflight import memory_terms
+    from tasks.core.preflight import expert_fold_bytes, memory_terms
 
+    targeted = {t.rsplit(".", 1)[-1] for t in shape.lora.target_parameters}
+    stacks = (2 / 3) * ("gate_up_proj" in targeted) + (1 / 3) * ("down_proj" in targeted)
+    folded = expert_fold_bytes(model.config, stacks, dtype_bytes) if stacks else 0
     return memory_terms(model.config, weight_bytes(model, shape.quantization, dtype_bytes), lora_parameters(model, shape.lora),
                         shape.batch_size * shape.seq_len, shape.loss_chunk_tokens, shape.gradient_checkpointing,
-                        shape.optimizer)
+                        shape.optimizer, dtype_bytes, folded)
 
 
 def _halvings(value: int) -> list[int]:
@@ -226,14 +229,23 @@ def _expert_ranks(s: Shape) -> list[tuple[str, Shape]]:
     return [(f"train.lora.expert_r: {r}", replace(s, lora=s.lora.model_copy(update={"expert_r": r}))) for r in _halvings(rank)]
 
 
+def _no_expert_adapters(s: Shape) -> list[tuple[str, Shape]]:
+    """Adapters on attention only: no expert LoRA, so no expert fold either."""
+    if not s.lora.target_parameters:
+        return []
+    return [("train.lora.target_parameters: [] (attention adapters only)",
+             replace(s, lora=s.lora.model_copy(update={"target_parameters": []})))]
+
+
 # Changes that lower a step's memory, cheapest in quality first; each gives its candidates, mildest
 # first. The first two change no result; the rest trade quality (4-bit weights, a smaller expert
-# rank) or the size of a step (batch).
+# rank, no expert adapters) or the size of a step (batch).
 LEVERS: tuple[Callable[[Shape], list[tuple[str, Shape]]], ...] = (
     lambda s: [] if s.loss_chunk_tokens else [("train.loss_chunk_tokens: 1024", replace(s, loss_chunk_tokens=1024))],
     lambda s: [] if s.gradient_checkpointing else [("train.gradient_checkpointing: true", replace(s, gradient_checkpointing=True))],
     lambda s: [("train.quantization: nf4", replace(s, quantization="nf4"))] if s.quantization == "none" else [],
     _expert_ranks,
+    _no_expert_adapters,
     lambda s: [(f"batch_size: {b}", replace(s, batch_size=b)) for b in _halvings(s.batch_size)],
 )
 

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,8 @@ def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
     assert terms["weights"] / 1e9 == pytest.approx(16.7, abs=0.1)
     assert terms["adapter_and_optimizer"] == (13_369_344 + 629_145_600) * (4 + 4 + 2)  # fp32 weight and grad, 8-bit moments
     assert terms["logits"] == 1024 * 151_936 * 8  # one chunk's
+    # peak's fold of LoRA into one layer's 128 bf16 experts, kept for the backward, and its gradient
+    assert terms["expert_fold"] == 2 * 128 * 3 * 2048 * 768 * 2
     peak = sum(terms.values())
     assert cheapest_lever(flagship, shape, 2, limit=peak + 1) == "train.lora.expert_r: 8"  # fits already: the first that fits
     assert cheapest_lever(flagship, shape, 2, limit=peak - 2 * GIB) == "train.lora.expert_r: 8"
@@ -72,6 +75,9 @@ def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
     extra = sum(stage_memory(flagship, full_logits, 2).values()) - peak
     assert cheapest_lever(flagship, full_logits, 2, limit=peak + extra // 2) == "train.loss_chunk_tokens: 1024"
     assert cheapest_lever(flagship, shape, 2, limit=GIB) is None
+    attention_only = sum(stage_memory(flagship, replace(shape, lora=lora.model_copy(update={"target_parameters": []})), 2).values())
+    assert attention_only < 18 * GIB < peak  # no expert LoRA and no fold: what fits 18 GiB today
+    assert cheapest_lever(flagship, shape, 2, limit=18 * GIB) == "train.lora.target_parameters: [] (attention adapters only)"
 
 
 def test_plan_on_a_fresh_workspace_runs_everything_and_estimates_tokens(tmp_path, monkeypatch):
@@ -103,9 +109,10 @@ def test_a_stage_that_cannot_fit_exits_1_naming_it_and_a_lever(tmp_path, flagshi
     ws = make_workspace(tmp_path / "ws", params)
     done = plan_in(ws.root, "--device", "gpu")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    # the rank is the only lever left at these settings, and only rank 1 fits this estimate
-    assert "train@embedding: estimated peak 23.20 GiB > 18.00 GiB; try train.lora.expert_r: 1" in done.stderr
-    assert "does not fit: try train.lora.expert_r: 1" in done.stdout
+    # no expert rank fits with the expert fold: only adapters on attention alone do
+    lever = "train.lora.target_parameters: [] (attention adapters only)"
+    assert f"train@embedding: estimated peak 25.45 GiB > 18.00 GiB; try {lever}" in done.stderr
+    assert f"does not fit: try {lever}" in done.stdout
     assert "weights 15.5" in done.stdout or "weights 15.6" in done.stdout  # GiB: NF4 experts and attention, bf16 rest
 
 

@@ -181,5 +181,18 @@ def test_gradient_checkpointing_keeps_layer_inputs_and_one_layers_activations(ba
     layers, hidden, tokens = model.config.num_hidden_layers, model.config.hidden_size, 4 * 64
     plain = estimate_terms(model, 4, 64)["activations"]
     checkpointed = estimate_terms(model, 4, 64, gradient_checkpointing=True)["activations"]
-    assert plain == layers * tokens * hidden * 34
-    assert checkpointed == layers * tokens * hidden * 2 + tokens * hidden * 34 < plain
+    assert plain == layers * tokens * hidden * 34 * 2  # fp32 on a CPU: twice the bf16 factor
+    assert checkpointed == (layers * tokens * hidden * 2 + tokens * hidden * 34) * 2 < plain
+
+
+def test_the_expert_fold_is_one_copy_of_a_layers_experts_per_kept_layer_plus_its_gradient(base):
+    """peft folds B·A into a full copy of each layer's fused experts; the estimate counts it."""
+    from tasks.core.preflight import estimate_terms
+
+    model = with_lora(load_base_model(base, "none"))
+    c = model.config
+    layer = c.num_experts * 3 * c.hidden_size * c.moe_intermediate_size * 4  # fp32 on a CPU, gate_up + down
+    assert estimate_terms(model, 4, 64)["expert_fold"] == layer * (c.num_hidden_layers + 1)
+    assert estimate_terms(model, 4, 64, gradient_checkpointing=True)["expert_fold"] == layer * 2
+    attention_only = with_lora(load_base_model(base, "none"), target_parameters=[])
+    assert "expert_fold" not in estimate_terms(attention_only, 4, 64)

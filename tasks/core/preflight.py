@@ -104,35 +104,58 @@ OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit":
 
 
 def memory_terms(config, weights_bytes: int, trainable: int, tokens: int, loss_chunk_tokens: int | None = None,
-                 gradient_checkpointing: bool = False, optimizer: str = "adamw_torch") -> dict[str, int]:
+                 gradient_checkpointing: bool = False, optimizer: str = "adamw_torch", activation_bytes: int = 2,
+                 folded_expert_bytes: int = 0) -> dict[str, int]:
     """The peak's terms in bytes, from the model's config and what it holds: weights as stored,
     trainable params with grads and Adam moments, activations (every layer's; with gradient
-    checkpointing each layer's input plus one layer's during its recompute), and the logits: all
-    `tokens`' at once, or one chunk's (`train.loss_chunk_tokens`, tasks/core/lm_loss.py). Adapter
-    weights and their gradients are fp32 (peft keeps them so); the optimizer's two moments are fp32
-    or 8-bit (`optimizer`, a transformers name). The preflight (a loaded model) and `tasks.plan`
-    (a model on the meta device) both use it."""
+    checkpointing each layer's input plus one layer's during its recompute) in `activation_bytes`
+    (2: bf16 on a GPU, 4: fp32 on a CPU), the logits: all `tokens`' at once, or one chunk's
+    (`train.loss_chunk_tokens`, tasks/core/lm_loss.py), and the expert fold (`expert_fold_bytes`).
+    Adapter weights and their gradients are fp32 (peft keeps them so); the optimizer's two moments
+    are fp32 or 8-bit (`optimizer`, a transformers name). The preflight (a loaded model) and
+    `tasks.plan` (a model on the meta device) both use it."""
     layers, hidden = config.num_hidden_layers, config.hidden_size
     if gradient_checkpointing:
         activations = layers * tokens * hidden * 2 + tokens * hidden * _ACTIVATION_FACTOR  # bf16 layer inputs
     else:
         activations = layers * tokens * hidden * _ACTIVATION_FACTOR
     logit_rows = min(tokens, loss_chunk_tokens) if loss_chunk_tokens else tokens
-    return {
+    terms = {
         "weights": int(weights_bytes),
         "adapter_and_optimizer": trainable * (4 + 4 + OPTIMIZER_STATE_BYTES.get(optimizer, 8)),
-        "activations": activations,
+        "activations": activations * activation_bytes // 2,  # the factor is counted in 16-bit values
         "logits": logit_rows * config.vocab_size * 4 * 2,  # fp32 logits and their gradient
     }
+    if folded_expert_bytes:
+        kept = 1 if gradient_checkpointing else layers
+        terms["expert_fold"] = folded_expert_bytes * (kept + 1)
+    return terms
+
+
+def expert_fold_bytes(config, stacks: float, compute_bytes: int) -> int:
+    """One layer's expert weights with LoRA folded in, in the compute dtype. peft applies LoRA to
+    fused experts by adding B·A to a full copy of the layer's experts (dequantized first under NF4)
+    on each forward; autograd keeps that copy for the backward (every layer's, or one layer's at a
+    time under gradient checkpointing), and the backward adds its gradient, as large. `stacks`: the
+    targeted fused stacks as a share of gate_up + down (1.0 both; gate_up alone is 2/3)."""
+    experts = getattr(config, "num_experts", 0) or 0
+    intermediate = getattr(config, "moe_intermediate_size", 0) or 0
+    return int(experts * 3 * config.hidden_size * intermediate * stacks * compute_bytes)
 
 
 def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None,
                    gradient_checkpointing: bool = False, optimizer: str = "adamw_torch") -> dict[str, int]:
-    """`memory_terms` of a loaded model: its weights as they are stored, its trainable parameters."""
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """`memory_terms` of a loaded model: its weights as they are stored, its trainable parameters,
+    its compute dtype, and the expert stacks its adapter targets."""
+    params = {id(p): (n, p) for n, p in model.named_parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for _, p in params)
+    trainable = sum(p.numel() for _, p in params if p.requires_grad)
+    compute_bytes = model.get_input_embeddings().weight.element_size()
+    first = next((n.split(".mlp.experts")[0] for n, _ in params if ".mlp.experts" in n and "lora_A" in n), None)
+    stacks = sum(1 for n, _ in params if first and n.startswith(first + ".mlp.experts") and "lora_A" in n)
+    folded = expert_fold_bytes(model.config, min(stacks, 2) / 2, compute_bytes) if stacks else 0
     return memory_terms(model.config, weights, trainable, batch_size * seq_len, loss_chunk_tokens, gradient_checkpointing,
-                        optimizer)
+                        optimizer, compute_bytes, folded)
 
 
 def estimate_peak_bytes(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None,
