@@ -13,16 +13,7 @@ if [ -n "${KEEP:-}" ]; then
 else
   work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 fi
-cd "$here"
-git ls-files -co --exclude-standard | grep -vx dvc.lock | while read -r f; do
-  [ -f "$f" ] && mkdir -p "$work/$(dirname "$f")" && cp "$f" "$work/$f"
-done
-cd "$work"
-git init -q && git add -A && git -c user.name=bench -c user.email=bench@localhost commit -qm bench
-export PATH="$(dirname "$py"):$PATH" PREFECT_HOME="$work/.prefect-home" MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true TQDM_DISABLE=1
-export GIT_AUTHOR_NAME=bench GIT_AUTHOR_EMAIL=bench@localhost GIT_COMMITTER_NAME=bench GIT_COMMITTER_EMAIL=bench@localhost
-"$py" -m dvc config --local core.site_cache_dir "$work/.dvc-site"
+. "$here/bench/fresh_copy.sh"
 
 t0=$(date +%s.%N)
 "$py" -m flows.ablation "$@" > "$work/ablation.log" 2>&1 || { tail -40 "$work/ablation.log"; exit 1; }

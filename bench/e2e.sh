@@ -8,15 +8,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$here/.venv/bin/python}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cd "$here"
-git ls-files -co --exclude-standard | grep -vx dvc.lock | while read -r f; do
-  [ -f "$f" ] && mkdir -p "$work/$(dirname "$f")" && cp "$f" "$work/$f"
-done
-cd "$work"
-git init -q && git add -A && git -c user.name=bench -c user.email=bench@localhost commit -qm bench
-export PATH="$(dirname "$py"):$PATH" PREFECT_HOME="$work/.prefect-home" MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true TQDM_DISABLE=1
-"$py" -m dvc config --local core.site_cache_dir "$work/.dvc-site"
+. "$here/bench/fresh_copy.sh"
 
 now() { date +%s.%N; }
 t0=$(now); "$py" -m flows.pipeline > "$work/pipeline.log" 2>&1; t1=$(now)
