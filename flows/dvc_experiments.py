@@ -9,19 +9,23 @@ No Prefect here, like flows/dvc_stages.py: the flow passes its logger.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows.dvc_stages import Log, StageFailed, _logger, git_head, stream_dvc, uncached_outputs
+from flows.dvc_stages import Log, StageFailed, git_head, stream_dvc, uncached_outputs
 from flows.overrides import apply_overrides
 from tasks.ablation.report import RunResult
 from tasks.ablation.variants import AblationRun
 from tasks.core import paths
 from tasks.core.config import ConfigError, load_params
+
+_logger = logging.getLogger(__name__)
 
 SHARED_TARGET = "validate"  # ingest, base, prepare, validate: what every variant starts from
 _RUNNING = re.compile(r"^Running stage '([^']+)'")
@@ -55,15 +59,10 @@ def workspace_kept(root: Path, log: Log = _logger.info) -> Iterator[str]:
             lock.unlink(missing_ok=True)
         else:
             lock.write_text(lock_text)
-            done = subprocess.run([*_dvc(), "checkout", "--force", "--quiet"], cwd=root, capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force", "--quiet"], cwd=root,
+                                  capture_output=True, text=True)
             if done.returncode:
                 log(f"ablation: `dvc checkout` could not restore every output: {done.stderr.strip()[-500:]}")
-
-
-def _dvc() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "dvc"]
 
 
 def timed_dvc(root: Path, args: list[str], name: str, log: Log) -> list[tuple[float, str]]:
