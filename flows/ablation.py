@@ -46,10 +46,9 @@ def _flow_and_tasks() -> SimpleNamespace:
     from prefect.cache_policies import NO_CACHE
 
     from flows import dvc_experiments as exps
-    from flows.overrides import params_with
-    from tasks.ablation.report import REPORT_DIR, write_reports
+    from tasks.ablation.report import REPORT_DIR, by_variant, write_reports
     from tasks.ablation.tracking import log_ablation
-    from tasks.ablation.variants import plan_runs, tokens_drawn
+    from tasks.ablation.variants import plan_runs, tokens_drawn, with_overrides
     from tasks.ablation.verdict import verdicts
     from tasks.core import paths
     from tasks.core.config import load_params
@@ -68,10 +67,8 @@ def _flow_and_tasks() -> SimpleNamespace:
     def verdict(project: str, name: str, results: list, shared: dict[str, float], metrics: list[str],
                 experiment: str, descriptions: dict[str, str]) -> dict[str, Any]:
         """The verdict table, the reports and the MLflow parent run."""
-        groups: dict[str, list[dict]] = {}
-        for r in results:
-            groups.setdefault(r.variant, []).append(r.final)
-        judged = verdicts(groups, metrics or None)
+        judged = verdicts({variant: [r.final for r in group] for variant, group in by_variant(results).items()},
+                          metrics or None)
         files = write_reports(results, judged, descriptions, Path(project) / REPORT_DIR, shared)
         run_id = log_ablation(name, experiment, results, judged, files, descriptions)
         get_run_logger().info("verdict:\n%s", files["table"].read_text())
@@ -94,7 +91,7 @@ def _flow_and_tasks() -> SimpleNamespace:
             report = json.loads((root / paths.DATA_REPORT).read_text())
             runs = plan_runs(params, report, suffix, variants, seeds)
             for run in runs:  # the budget each run trains, by whose data: equal across variants
-                drawn = tokens_drawn(params_with(root / params_file, run.overrides), report)
+                drawn = tokens_drawn(with_overrides(params, run.overrides), report)
                 logger.info("%s: %s tokens to train (%s); overrides %s", run.name, f"{sum(drawn.values()):,.0f}",
                             ", ".join(f"{s} {t:,.0f}" for s, t in drawn.items()), run.overrides or "none")
             results = [run_one.with_options(task_run_name=run.name)(str(root), run, params_text, target) for run in runs]

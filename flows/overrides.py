@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tasks.core.config import ConfigError, Params, load_params, parse_params, set_dotted
+from tasks.core.config import ConfigError, load_params, parse_params, set_dotted
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -26,19 +26,15 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def params_with(params_file: Path, overrides: dict[str, Any]) -> Params:
-    """The typed config of params_file with `overrides` applied (nothing is written); ConfigError if invalid."""
+def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """ConfigError unless params_file with `overrides` applied is valid config (nothing is written)."""
     if not overrides:
-        return load_params(params_file)
+        load_params(params_file)
+        return
     plain = yaml.safe_load(params_file.read_text()) or {}
     for key, value in overrides.items():
         set_dotted(plain, key, copy.deepcopy(value))
-    return parse_params(plain, f"{params_file} with overrides {sorted(overrides)}")
-
-
-def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
-    """ConfigError unless params_file with `overrides` applied is valid config (nothing is written)."""
-    params_with(params_file, overrides)
+    parse_params(plain, f"{params_file} with overrides {sorted(overrides)}")
 
 
 def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:

@@ -12,10 +12,9 @@ import pytest
 import yaml
 
 from flows.dvc_experiments import stage_times
-from flows.overrides import set_dotted
 from tasks.ablation.report import RunResult, write_reports
 from tasks.ablation.tracking import ABLATION_TAG, log_ablation
-from tasks.ablation.variants import mix_overrides, plan_runs, rows_per_step, tokens_drawn, variant_overrides
+from tasks.ablation.variants import mix_overrides, plan_runs, rows_per_step, tokens_drawn, variant_overrides, with_overrides
 from tasks.ablation.verdict import NO_DIFFERENCE, Cell, judge, markdown_table, verdicts
 from tasks.core.config import AblationVariant, ConfigError, parse_params
 from tasks.data.rows import Rows
@@ -36,13 +35,6 @@ def project_raw() -> dict:
     return yaml.safe_load((PROJECT / "params.yaml").read_text())
 
 
-def with_overrides(raw: dict, overrides: dict):
-    raw = json.loads(json.dumps(raw))
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
-    return parse_params(raw)
-
-
 def test_the_default_declares_staged_no_replay_and_mixed_with_two_seeds():
     params = parse_params(project_raw())
     assert list(params.ablation.variants) == ["staged", "staged-no-replay", "mixed"]
@@ -50,10 +42,9 @@ def test_the_default_declares_staged_no_replay_and_mixed_with_two_seeds():
 
 
 def test_mixed_trains_the_same_rows_of_each_stage_as_staged_in_one_stage():
-    raw = project_raw()
-    params = parse_params(raw)
+    params = parse_params(project_raw())
     overrides = mix_overrides(params, ["syntax", "thinking", "instructions"], REPORT)
-    mixed = with_overrides(raw, overrides)
+    mixed = with_overrides(params, overrides)
     assert [mixed.stages[s].train.max_steps for s in ("syntax", "thinking")] == [0, 0]
     drawn = {s: params.stages[s].train.max_steps * rows_per_step(params.stages[s].train) for s in ("syntax", "thinking", "instructions")}
     # each stage's weight: the rows staged training draws from it over the rows it has
@@ -62,12 +53,11 @@ def test_mixed_trains_the_same_rows_of_each_stage_as_staged_in_one_stage():
 
 
 def test_each_variant_trains_the_same_tokens_within_one_batch():
-    raw = project_raw()
-    params = parse_params(raw)
+    params = parse_params(project_raw())
     staged = tokens_drawn(params, REPORT)
-    mixed = tokens_drawn(with_overrides(raw, variant_overrides(params, params.ablation.variants["mixed"], REPORT)), REPORT)
+    mixed = tokens_drawn(with_overrides(params, variant_overrides(params, params.ablation.variants["mixed"], REPORT)), REPORT)
     no_replay_overrides = variant_overrides(params, params.ablation.variants["staged-no-replay"], REPORT)
-    no_replay = tokens_drawn(with_overrides(raw, no_replay_overrides), REPORT)
+    no_replay = tokens_drawn(with_overrides(params, no_replay_overrides), REPORT)
     for stage in ("syntax", "thinking", "instructions"):  # shorter rows without the replay: more steps
         assert no_replay_overrides[f"stages.{stage}.train.max_steps"] > params.stages[stage].train.max_steps
         batch = rows_per_step(params.stages[stage].train)

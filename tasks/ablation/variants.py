@@ -31,9 +31,9 @@ class AblationRun:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def rows_per_step(train: StageTraining, processes: int = 1) -> int:
-    """Training rows one optimizer step draws."""
-    return train.batch_size * train.gradient_accumulation_steps * processes
+def rows_per_step(train: StageTraining) -> int:
+    """Training rows one optimizer step draws (in one process)."""
+    return train.batch_size * train.gradient_accumulation_steps
 
 
 def train_rows(report: dict, stage: str) -> int:

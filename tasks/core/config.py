@@ -74,7 +74,7 @@ class StageData(Strict):
     replay_share: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # Stage -> weight: this stage trains on those stages' training rows as prepared (their own rows
     # plus their replay), each repeated by its weight, instead of on its own rows alone. The
-    # ablation's `mixed` variant writes it (flows/ablation_plan.py); a stage may name itself and
+    # ablation's `mixed` variant writes it (tasks/ablation/variants.py); a stage may name itself and
     # stages listed before it.
     mix: dict[str, PositiveFloat] = Field(default_factory=dict)
 
@@ -424,11 +424,11 @@ class AblationConfig(Strict):
     """`python -m flows.ablation`: variants of this params.yaml trained at an equal token budget and
     evaluated by the same code; a verdict table says which wins each metric (README)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     # Training seeds (train.seed) each variant runs under: >= 2 to tell a difference from noise.
     seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [1234, 1235])
     variants: dict[str, AblationVariant] = Field(default_factory=_default_variants)
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
     # true: each run also runs `register` (a model version per run)
     register_: bool = Field(default=False, alias="register")
     # The verdict's metrics, as named in metrics/evaluate.json `final`; [] = every one.
