@@ -205,9 +205,7 @@ def stage_memory(model: nn.Module, shape: Shape, dtype_bytes: int) -> dict[str, 
     """The preflight's memory terms for one step of this shape (tasks/core/preflight.py::memory_terms)."""
     from tasks.core.preflight import expert_fold_bytes, memory_terms
 
-    targeted = {t.rsplit(".", 1)[-1] for t in shape.lora.target_parameters}
-    stacks = (2 / 3) * ("gate_up_proj" in targeted) + (1 / 3) * ("down_proj" in targeted)
-    folded = expert_fold_bytes(model.config, stacks, dtype_bytes) if stacks else 0
+    folded = expert_fold_bytes(model.config, shape.lora.target_parameters, dtype_bytes)
     return memory_terms(model.config, weight_bytes(model, shape.quantization, dtype_bytes), lora_parameters(model, shape.lora),
                         shape.batch_size * shape.seq_len, shape.loss_chunk_tokens, shape.gradient_checkpointing,
                         shape.optimizer, dtype_bytes, folded)

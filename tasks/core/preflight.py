@@ -132,15 +132,17 @@ def memory_terms(config, weights_bytes: int, trainable: int, tokens: int, loss_c
     return terms
 
 
-def expert_fold_bytes(config, stacks: float, compute_bytes: int) -> int:
-    """One layer's expert weights with LoRA folded in, in the compute dtype. peft applies LoRA to
-    fused experts by adding B·A to a full copy of the layer's experts (dequantized first under NF4)
-    on each forward; autograd keeps that copy for the backward (every layer's, or one layer's at a
-    time under gradient checkpointing), and the backward adds its gradient, as large. `stacks`: the
-    targeted fused stacks as a share of gate_up + down (1.0 both; gate_up alone is 2/3)."""
+def expert_fold_bytes(config, target_parameters: list[str], compute_bytes: int) -> int:
+    """One layer's targeted expert weights with LoRA folded in, in the compute dtype. peft applies
+    LoRA to fused experts by adding B·A to a full copy of the layer's experts (dequantized first
+    under NF4) on each forward; autograd keeps that copy for the backward (every layer's, or one
+    layer's at a time under gradient checkpointing), and the backward adds its gradient, as large.
+    gate_up_proj is 2/3 of a layer's expert weights, down_proj 1/3."""
+    targeted = {t.rsplit(".", 1)[-1] for t in target_parameters}
+    share = (2 / 3) * ("gate_up_proj" in targeted) + (1 / 3) * ("down_proj" in targeted)
     experts = getattr(config, "num_experts", 0) or 0
     intermediate = getattr(config, "moe_intermediate_size", 0) or 0
-    return int(experts * 3 * config.hidden_size * intermediate * stacks * compute_bytes)
+    return int(experts * 3 * config.hidden_size * intermediate * share * compute_bytes)
 
 
 def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None,
@@ -151,9 +153,8 @@ def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_t
     weights = sum(p.numel() * p.element_size() for _, p in params)
     trainable = sum(p.numel() for _, p in params if p.requires_grad)
     compute_bytes = model.get_input_embeddings().weight.element_size()
-    first = next((n.split(".mlp.experts")[0] for n, _ in params if ".mlp.experts" in n and "lora_A" in n), None)
-    stacks = sum(1 for n, _ in params if first and n.startswith(first + ".mlp.experts") and "lora_A" in n)
-    folded = expert_fold_bytes(model.config, min(stacks, 2) / 2, compute_bytes) if stacks else 0
+    targets = [t for config in getattr(model, "peft_config", {}).values() for t in config.target_parameters or []]
+    folded = expert_fold_bytes(model.config, targets, compute_bytes)
     return memory_terms(model.config, weights, trainable, batch_size * seq_len, loss_chunk_tokens, gradient_checkpointing,
                         optimizer, compute_bytes, folded)
 
