@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING, Any
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
 from tasks.core.config import LoraConfig, Params, load_params
+from tasks.core.preflight import NF4_BYTES_PER_PARAM
 
 if TYPE_CHECKING:
     from torch import nn
 
 GIB = 2**30
-# NF4 with double quantization: 4 bits a value, an 8-bit absmax per 64 values, an fp32 one per 256 of those.
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,7 @@ class Shape:
     gradient_checkpointing: bool
     lora: LoraConfig
     optimizer: str = "adamw_torch"  # resolved (tasks/core/trainer.py::resolve_optimizer)
+    expert_compute: str = "routed"  # train.expert_compute
 
 
 @dataclass
@@ -203,12 +203,12 @@ def lora_parameters(model: nn.Module, lora: LoraConfig) -> int:
 
 def stage_memory(model: nn.Module, shape: Shape, dtype_bytes: int) -> dict[str, int]:
     """The preflight's memory terms for one step of this shape (tasks/core/preflight.py::memory_terms)."""
-    from tasks.core.preflight import expert_fold_bytes, memory_terms
+    from tasks.core.preflight import memory_terms
 
-    folded = expert_fold_bytes(model.config, shape.lora.target_parameters, dtype_bytes)
     return memory_terms(model.config, weight_bytes(model, shape.quantization, dtype_bytes), lora_parameters(model, shape.lora),
                         shape.batch_size * shape.seq_len, shape.loss_chunk_tokens, shape.gradient_checkpointing,
-                        shape.optimizer, dtype_bytes, folded)
+                        shape.optimizer, dtype_bytes, shape.lora.target_parameters, shape.quantization == "nf4",
+                        shape.expert_compute == "routed")
 
 
 def _halvings(value: int) -> list[int]:
@@ -218,6 +218,12 @@ def _halvings(value: int) -> list[int]:
         value //= 2
         out.append(value)
     return out
+
+
+def _smaller_chunks(chunk: int | None) -> list[int]:
+    """Loss chunks to try, mildest first: 1024 when the logits are whole, then halvings down to 128
+    (below that the LM head's matmuls get thin; the logits term is small by then)."""
+    return [c for c in ([1024, 512, 256, 128] if not chunk else _halvings(chunk)) if c >= 128]
 
 
 def _expert_ranks(s: Shape) -> list[tuple[str, Shape]]:
@@ -239,7 +245,7 @@ def _no_expert_adapters(s: Shape) -> list[tuple[str, Shape]]:
 # first. The first two change no result; the rest trade quality (4-bit weights, a smaller expert
 # rank, no expert adapters) or the size of a step (batch).
 LEVERS: tuple[Callable[[Shape], list[tuple[str, Shape]]], ...] = (
-    lambda s: [] if s.loss_chunk_tokens else [("train.loss_chunk_tokens: 1024", replace(s, loss_chunk_tokens=1024))],
+    lambda s: [(f"train.loss_chunk_tokens: {c}", replace(s, loss_chunk_tokens=c)) for c in _smaller_chunks(s.loss_chunk_tokens)],
     lambda s: [] if s.gradient_checkpointing else [("train.gradient_checkpointing: true", replace(s, gradient_checkpointing=True))],
     lambda s: [("train.quantization: nf4", replace(s, quantization="nf4"))] if s.quantization == "none" else [],
     _expert_ranks,

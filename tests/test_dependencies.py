@@ -62,6 +62,7 @@ PARAM_CHANGES: dict[str, tuple[Any, set[str]]] = {
     "train.lora.r": (4, TRAIN_STAGES | {"register"}),
     "train.gradient_checkpointing": (True, {"register"}),  # same results by design: nothing re-trains
     "train.loss_chunk_tokens": (None, {"register"}),  # same results by design (tests/test_lm_loss.py)
+    "train.expert_compute": ("fold", {"register"}),  # same results by design (tests/test_routed_lora.py)
     "prepare.clean.scrub_pii": (True, {"base", "prepare", "register"}),
     "prepare.eval_fraction": (0.2, {"base", "prepare", "register"}),
     "prepare.control_tokens": ("strip", {"prepare", "register"}),

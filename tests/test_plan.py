@@ -64,20 +64,26 @@ def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
     terms = stage_memory(flagship, shape, dtype_bytes=2)
     # NF4 attention and experts (~15.4 GB) + bf16 embeddings, LM head, router, norms (~1.27 GB)
     assert terms["weights"] / 1e9 == pytest.approx(16.7, abs=0.1)
-    assert terms["adapter_and_optimizer"] == (13_369_344 + 629_145_600) * (4 + 4 + 2)  # fp32 weight and grad, 8-bit moments
+    assert terms["adapter"] == (13_369_344 + 629_145_600) * (4 + 4)  # fp32 weights and their gradients
+    assert terms["optimizer_paged"] == (13_369_344 + 629_145_600) * 2  # 8-bit moments, in managed memory
     assert terms["logits"] == 1024 * 151_936 * 8  # one chunk's
-    # peak's fold of LoRA into one layer's 128 bf16 experts, kept for the backward, and its gradient
-    assert terms["expert_fold"] == 2 * 128 * 3 * 2048 * 768 * 2
+    # routed (the default): one 4-bit stack dequantized at a time, the larger (gate_up_proj, 2/3 of the layer)
+    assert terms["expert_dequant"] == 128 * 3 * 2048 * 768 * 2 * 2 // 3 and "expert_fold" not in terms
+    folded = stage_memory(flagship, replace(shape, expert_compute="fold"), dtype_bytes=2)
+    # fold: LoRA in one layer's 128 bf16 experts, kept for the backward, and its gradient
+    assert folded["expert_fold"] == 2 * 128 * 3 * 2048 * 768 * 2 and "expert_dequant" not in folded
     peak = sum(terms.values())
-    assert cheapest_lever(flagship, shape, 2, limit=peak + 1) == "train.lora.expert_r: 8"  # fits already: the first that fits
+    assert cheapest_lever(flagship, shape, 2, limit=peak + 1) == "train.loss_chunk_tokens: 512"  # fits already: the first that fits
     assert cheapest_lever(flagship, shape, 2, limit=peak - 2 * GIB) == "train.lora.expert_r: 8"
     full_logits = Shape(1, 2048, "nf4", None, True, lora, "paged_adamw_8bit")
     extra = sum(stage_memory(flagship, full_logits, 2).values()) - peak
     assert cheapest_lever(flagship, full_logits, 2, limit=peak + extra // 2) == "train.loss_chunk_tokens: 1024"
     assert cheapest_lever(flagship, shape, 2, limit=GIB) is None
-    attention_only = sum(stage_memory(flagship, replace(shape, lora=lora.model_copy(update={"target_parameters": []})), 2).values())
-    assert attention_only < 18 * GIB < peak  # no expert LoRA and no fold: what fits 18 GiB today
-    assert cheapest_lever(flagship, shape, 2, limit=18 * GIB) == "train.lora.target_parameters: [] (attention adapters only)"
+    attention_only = replace(shape, lora=lora.model_copy(update={"target_parameters": []}))
+    assert 18 * GIB < sum(stage_memory(flagship, attention_only, 2).values()) < peak  # still a chunk of logits too many
+    assert sum(stage_memory(flagship, replace(attention_only, loss_chunk_tokens=256), 2).values()) < 18 * GIB
+    # no lever alone fits 18 GiB; in order, each as far as it goes: the smallest chunk, then expert ranks
+    assert cheapest_lever(flagship, shape, 2, limit=18 * GIB) == "train.loss_chunk_tokens: 128 + train.lora.expert_r: 2"
 
 
 def test_plan_on_a_fresh_workspace_runs_everything_and_estimates_tokens(tmp_path, monkeypatch):
@@ -109,9 +115,9 @@ def test_a_stage_that_cannot_fit_exits_1_naming_it_and_a_lever(tmp_path, flagshi
     ws = make_workspace(tmp_path / "ws", params)
     done = plan_in(ws.root, "--device", "gpu")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    # no expert rank fits with the expert fold: only adapters on attention alone do
-    lever = "train.lora.target_parameters: [] (attention adapters only)"
-    assert f"train@embedding: estimated peak 25.45 GiB > 18.00 GiB; try {lever}" in done.stderr
+    # routed expert LoRA (the default): no lever alone fits 18 GiB; the smallest loss chunk and expert rank 2 do
+    lever = "train.loss_chunk_tokens: 128 + train.lora.expert_r: 2"
+    assert f"train@embedding: estimated peak 23.95 GiB > 18.00 GiB; try {lever}" in done.stderr
     assert f"does not fit: try {lever}" in done.stdout
     assert "weights 15.5" in done.stdout or "weights 15.6" in done.stdout  # GiB: NF4 experts and attention, bf16 rest
 

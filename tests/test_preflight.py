@@ -155,7 +155,7 @@ def test_the_chunked_loss_bounds_the_logits_term_and_the_terms_add_up(base):
     assert {k: v for k, v in chunked.estimated_terms.items() if k != "logits"} == {
         k: v for k, v in full.estimated_terms.items() if k != "logits"}
     assert chunked.estimated_peak_bytes == sum(chunked.estimated_terms.values())
-    assert "logits" in chunked.summary() and "adapter_and_optimizer" in chunked.summary()
+    assert "logits" in chunked.summary() and "adapter" in chunked.summary()
     over = run_preflight(model, "none", expects_experts=True, batch_size=4, seq_len=64, memory_limit_bytes=2**20)
     assert "train.loss_chunk_tokens" in over.problems[0]  # named as a lever where it is off
 
@@ -196,3 +196,37 @@ def test_the_expert_fold_is_one_copy_of_a_layers_experts_per_kept_layer_plus_its
     assert estimate_terms(model, 4, 64, gradient_checkpointing=True)["expert_fold"] == layer * 2
     attention_only = with_lora(load_base_model(base, "none"), target_parameters=[])
     assert "expert_fold" not in estimate_terms(attention_only, 4, 64)
+
+
+def test_routed_experts_hold_no_fold_and_under_nf4_one_dequantized_stack(base):
+    """Routed expert LoRA (tasks/core/routed_lora.py) folds nothing; a 4-bit stack is dequantized
+    again in the backward, so one stack's copy (gate_up_proj, 2/3 of the layer) is in flight.
+    Folded, a 4-bit model also keeps the untargeted stacks dequantized per kept layer."""
+    from tasks.core.preflight import estimate_terms
+    from tasks.core.routed_lora import route_expert_lora
+
+    c = load_base_model(base, "none").config
+    layer = c.num_experts * 3 * c.hidden_size * c.moe_intermediate_size * 4  # fp32 on a CPU
+    plain = with_lora(load_base_model(base, "none"))
+    route_expert_lora(plain)
+    assert not {"expert_fold", "expert_dequant"} & estimate_terms(plain, 4, 64).keys()
+    quantized = with_lora(load_base_model(base, "nf4"))
+    route_expert_lora(quantized)
+    terms = estimate_terms(quantized, 4, 64)
+    assert terms["expert_dequant"] == layer * 2 // 3 and "expert_fold" not in terms
+    down_only = with_lora(load_base_model(base, "nf4"), target_parameters=["mlp.experts.down_proj"])
+    terms = estimate_terms(down_only, 4, 64, gradient_checkpointing=True)
+    assert terms["expert_fold"] == layer // 3 * 2 and terms["expert_dequant"] == layer - layer // 3
+
+
+def test_a_loaded_4bit_model_weighs_what_the_plan_says_its_config_weighs(base):
+    """The preflight (a loaded model) and tasks.plan (its config on the meta device) count the same
+    weights: 4-bit values with their quantization statistics, the rest as stored, the adapter apart."""
+    from tasks.core.preflight import estimate_terms
+    from tasks.plan import meta_model, weight_bytes
+
+    model = with_lora(load_base_model(base, "nf4"))
+    terms = estimate_terms(model, 1, 8)
+    assert terms["weights"] == pytest.approx(weight_bytes(meta_model(model.config), "nf4", 4), rel=1e-6)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert terms["adapter"] == trainable * 8 and terms["optimizer"] == trainable * 8  # torch AdamW's two fp32 moments

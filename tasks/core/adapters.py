@@ -98,8 +98,20 @@ def attach_adapter(model, job: TrainJob, info=None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if job.spec.init_from == "base" or job.train.chain_policy == "merge":
         lora = stage_lora(job, info or BaseInfo.load())
-        return new_adapter(model, lora)
+        return with_expert_compute(new_adapter(model, lora), job.train.expert_compute)
     previous = paths.adapter_dir(job.spec.init_from)
     if not (previous / "adapter_config.json").exists():
         raise FileNotFoundError(f"{previous} holds no adapter: run train@{job.spec.init_from} first")
-    return PeftModel.from_pretrained(model, str(previous), is_trainable=True)
+    adapted = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
+    return with_expert_compute(adapted, job.train.expert_compute)
+
+
+def with_expert_compute(model, expert_compute: str):
+    """`model` with its fused experts computing as `train.expert_compute` says (routed: LoRA on the
+    routed tokens, tasks/core/routed_lora.py; fold: peft's own way)."""
+    if expert_compute == "routed":
+        from tasks.core.routed_lora import route_expert_lora
+
+        if count := route_expert_lora(model):
+            log.info("experts: LoRA on routed tokens in %d layers (train.expert_compute: routed)", count)
+    return model

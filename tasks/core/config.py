@@ -329,6 +329,11 @@ class TrainConfig(Strict):
     # 151,936-wide head: ~1.2 GB of fp32 logits per 2k tokens). Same results, so not a DVC param;
     # None: the model's own loss on full logits. Liger's fused loss replaces it when Liger is on.
     loss_chunk_tokens: PositiveInt | None = 1024
+    # How fused MoE experts compute under LoRA (tasks/core/routed_lora.py). routed: LoRA as x·A·B on
+    # each expert's routed tokens, 4-bit experts dequantized again for the backward; fold: peft's
+    # way, LoRA folded into a copy of every expert's weight (+~2.3 GiB per step for Qwen3-30B-A3B).
+    # Same results, so not a DVC param.
+    expert_compute: Literal["routed", "fold"] = "routed"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Memory the preflight check compares its estimate with; None: the device's free memory.
     memory_limit_gb: PositiveFloat | None = None

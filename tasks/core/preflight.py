@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -99,64 +100,97 @@ def count_parameters(model: nn.Module, report: PreflightReport) -> None:
             report.adapter_bytes_by_part[part] = report.adapter_bytes_by_part.get(part, 0) + size
 
 
+# NF4 with double quantization: 4 bits a value, an 8-bit absmax per 64 values, an fp32 one per 256
+# of those (measured on an H200: the flagship's 29.9 B 4-bit parameters and 1.2 B bf16 ones hold
+# 15.57 GiB, this figure gives 15.55).
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
 # Optimizer state bytes per trainable parameter: two Adam moments in fp32, or in 8 bits.
 OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 
 
 def memory_terms(config, weights_bytes: int, trainable: int, tokens: int, loss_chunk_tokens: int | None = None,
                  gradient_checkpointing: bool = False, optimizer: str = "adamw_torch", activation_bytes: int = 2,
-                 folded_expert_bytes: int = 0) -> dict[str, int]:
+                 expert_targets: Sequence[str] = (), quantized_experts: bool = False,
+                 routed_experts: bool = False) -> dict[str, int]:
     """The peak's terms in bytes, from the model's config and what it holds: weights as stored,
     trainable params with grads and Adam moments, activations (every layer's; with gradient
     checkpointing each layer's input plus one layer's during its recompute) in `activation_bytes`
     (2: bf16 on a GPU, 4: fp32 on a CPU), the logits: all `tokens`' at once, or one chunk's
-    (`train.loss_chunk_tokens`, tasks/core/lm_loss.py), and the expert fold (`expert_fold_bytes`).
-    Adapter weights and their gradients are fp32 (peft keeps them so); the optimizer's two moments
-    are fp32 or 8-bit (`optimizer`, a transformers name). The preflight (a loaded model) and
-    `tasks.plan` (a model on the meta device) both use it."""
+    (`train.loss_chunk_tokens`, tasks/core/lm_loss.py), and the expert weights in flight
+    (`expert_weight_terms`). Adapter weights and their gradients are fp32 (peft keeps them so); the
+    optimizer's two moments are fp32 or 8-bit (`optimizer`, a transformers name), `optimizer_paged`
+    for a paged optimizer. The preflight (a loaded model) and `tasks.plan` (a model on the meta
+    device) both use it; bench/gpu_qlora.py checks it against an H200 (bench/results/)."""
     layers, hidden = config.num_hidden_layers, config.hidden_size
     if gradient_checkpointing:
         activations = layers * tokens * hidden * 2 + tokens * hidden * _ACTIVATION_FACTOR  # bf16 layer inputs
     else:
         activations = layers * tokens * hidden * _ACTIVATION_FACTOR
     logit_rows = min(tokens, loss_chunk_tokens) if loss_chunk_tokens else tokens
+    # A paged optimizer's moments live in CUDA managed memory: on the GPU while it has room, evicted
+    # to the host under pressure, and outside torch's allocator count (torch.cuda.max_memory_allocated).
+    optimizer_term = "optimizer_paged" if optimizer.startswith("paged_") else "optimizer"
     terms = {
         "weights": int(weights_bytes),
-        "adapter_and_optimizer": trainable * (4 + 4 + OPTIMIZER_STATE_BYTES.get(optimizer, 8)),
+        "adapter": trainable * (4 + 4),  # fp32 weights and their gradients
+        optimizer_term: trainable * OPTIMIZER_STATE_BYTES.get(optimizer, 8),
         "activations": activations * activation_bytes // 2,  # the factor is counted in 16-bit values
         "logits": logit_rows * config.vocab_size * 4 * 2,  # fp32 logits and their gradient
     }
-    if folded_expert_bytes:
-        kept = 1 if gradient_checkpointing else layers
-        terms["expert_fold"] = folded_expert_bytes * (kept + 1)
+    kept_layers = 1 if gradient_checkpointing else layers
+    terms.update(expert_weight_terms(config, expert_targets, activation_bytes, quantized_experts, routed_experts,
+                                     kept_layers))
     return terms
 
 
-def expert_fold_bytes(config, target_parameters: list[str], compute_bytes: int) -> int:
-    """One layer's targeted expert weights with LoRA folded in, in the compute dtype. peft applies
-    LoRA to fused experts by adding B·A to a full copy of the layer's experts (dequantized first
-    under NF4) on each forward; autograd keeps that copy for the backward (every layer's, or one
-    layer's at a time under gradient checkpointing), and the backward adds its gradient, as large.
-    gate_up_proj is 2/3 of a layer's expert weights, down_proj 1/3."""
-    targeted = {t.rsplit(".", 1)[-1] for t in target_parameters}
-    share = (2 / 3) * ("gate_up_proj" in targeted) + (1 / 3) * ("down_proj" in targeted)
+def expert_weight_terms(config, targets: Sequence[str], compute_bytes: int, quantized: bool, routed: bool,
+                        kept_layers: int) -> dict[str, int]:
+    """Copies of fused expert weights in the compute dtype that a step holds beyond the stored weights.
+
+    fold (peft's way, `train.expert_compute: fold`): each targeted stack gets LoRA added to a full
+    copy of the layer's experts on every forward; autograd keeps that copy for the backward (each
+    kept layer's: every layer, or one at a time under gradient checkpointing) and the backward adds
+    its gradient, as large (`expert_fold`). Under NF4 the stacks without LoRA are dequantized and
+    kept the same way (`expert_dequant`).
+    routed (tasks/core/routed_lora.py): LoRA acts on the routed tokens, nothing is folded, and a 4-bit
+    stack is dequantized again in the backward instead of kept: one stack's copy at a time, the
+    larger (gate_up_proj, 2/3 of a layer's experts) (`expert_dequant`); nothing in bf16.
+    """
     experts = getattr(config, "num_experts", 0) or 0
-    intermediate = getattr(config, "moe_intermediate_size", 0) or 0
-    return int(experts * 3 * config.hidden_size * intermediate * share * compute_bytes)
+    layer = experts * 3 * config.hidden_size * (getattr(config, "moe_intermediate_size", 0) or 0) * compute_bytes
+    if not layer:
+        return {}
+    if routed:
+        return {"expert_dequant": layer * 2 // 3} if quantized else {}
+    targeted = {t.rsplit(".", 1)[-1] for t in targets}
+    folded = layer * (2 * ("gate_up_proj" in targeted) + ("down_proj" in targeted)) // 3
+    terms = {"expert_fold": folded * (kept_layers + 1)} if folded else {}
+    if quantized and folded < layer:
+        terms["expert_dequant"] = (layer - folded) * kept_layers
+    return terms
 
 
 def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None,
                    gradient_checkpointing: bool = False, optimizer: str = "adamw_torch") -> dict[str, int]:
     """`memory_terms` of a loaded model: its weights as they are stored, its trainable parameters,
-    its compute dtype, and the expert stacks its adapter targets."""
+    its compute dtype, the expert stacks its adapter targets, whether they are 4-bit, and whether
+    they compute routed (`tasks.core.routed_lora.route_expert_lora`)."""
+    from torch.nn.utils import parametrize
+
+    from tasks.core.quantize import EXPERT_PARAMETERS
+    from tasks.core.routed_lora import is_routed
+
     params = {id(p): (n, p) for n, p in model.named_parameters()}.values()
-    weights = sum(p.numel() * p.element_size() for _, p in params)
+    frozen = [(n, p) for n, p in params if not p.requires_grad]  # trainable ones are the adapter term
+    weights = sum(_numel(n, p) * NF4_BYTES_PER_PARAM if _is_four_bit(n, p) else p.numel() * p.element_size()
+                  for n, p in frozen)  # 4-bit: the packed values and their quantization statistics
     trainable = sum(p.numel() for _, p in params if p.requires_grad)
     compute_bytes = model.get_input_embeddings().weight.element_size()
     targets = [t for config in getattr(model, "peft_config", {}).values() for t in config.target_parameters or []]
-    folded = expert_fold_bytes(model.config, targets, compute_bytes)
+    quantized = any(parametrize.is_parametrized(m, p) for m in model.modules() for p in EXPERT_PARAMETERS)
     return memory_terms(model.config, weights, trainable, batch_size * seq_len, loss_chunk_tokens, gradient_checkpointing,
-                        optimizer, compute_bytes, folded)
+                        optimizer, compute_bytes, targets, quantized, is_routed(model))
 
 
 def estimate_peak_bytes(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None,

@@ -17,17 +17,16 @@ EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
 
 def fused_expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that hold fused 3-D expert weights (quantized or not)."""
-    found = []
-    for name, module in model.named_modules():
-        if not name.endswith("experts"):
-            continue
-        params = getattr(module, "parametrizations", None)
-        if any(p in (params or {}) for p in EXPERT_PARAMETERS) or any(
-            getattr(getattr(module, p, None), "ndim", 0) == 3 for p in EXPERT_PARAMETERS
-        ):
-            found.append((name, module))
-    return found
+    """Modules named `...experts` that hold fused 3-D expert weights (quantized or not)."""
+    return [(name, module) for name, module in model.named_modules() if name.endswith("experts") and is_fused_experts(module)]
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Holds fused 3-D expert weights (parametrized to 4 bits, or plain), or wraps a module that does."""
+    params = getattr(module, "parametrizations", None)
+    return any(p in (params or {}) for p in EXPERT_PARAMETERS) or any(
+        getattr(getattr(module, p, None), "ndim", 0) == 3 for p in EXPERT_PARAMETERS
+    )
 
 
 def quantize_fused_experts(model: nn.Module, compress_statistics: bool = True) -> int:

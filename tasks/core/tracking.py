@@ -58,7 +58,8 @@ def stage_params(job: TrainJob) -> dict[str, str]:
     out = flatten(job.spec.train.model_dump(exclude={"lora"})) | flatten(job.lora.model_dump(), "lora.")
     out |= {"init_from": job.spec.init_from, "kind": job.spec.kind}
     wide = job.train.model_dump(include={"quantization", "chain_policy", "packing", "gradient_checkpointing",
-                                         "loss_chunk_tokens", "optimizer", "liger_kernels", "launcher"})
+                                         "loss_chunk_tokens", "expert_compute", "optimizer", "liger_kernels",
+                                         "launcher"})
     return out | flatten(wide)
 
 
