@@ -26,9 +26,10 @@ second one: `--estimate` prints its terms for the flagship from a meta-device mo
 counts that `torch.cuda.max_memory_allocated` does not see or sees differently: the paged 8-bit
 optimizer's moments live in CUDA managed memory (evictable to the host, outside the allocator's
 count), and the terms are summed although the logits and one layer's recompute come at different
-moments of the step. Unlike `tasks.core.adapters.attach_adapter`, no
-`prepare_model_for_kbit_training`: it would upcast embeddings, LM head, norms and router to fp32
-(+1.27 GB here).
+moments of the step. The base is prepared as `train` prepares it
+(`tasks.core.adapters.prepare_quantized`): frozen, and its bf16 embeddings, LM head, norms and
+router cast to fp32 only under `train.upcast_frozen` / `--upcast-frozen` (peft's
+prepare_model_for_kbit_training; +1.27 GB here).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class BenchSettings:
     expert_rank: int
     loss_chunk_tokens: int | None = None  # params.yaml train.loss_chunk_tokens (tasks/core/lm_loss.py)
     expert_compute: str = "routed"  # params.yaml train.expert_compute (tasks/core/routed_lora.py)
+    upcast_frozen: bool = False  # params.yaml train.upcast_frozen (tasks/core/adapters.py::prepare_quantized)
     learning_rate: float = 2e-4
     seed: int = 0
 
@@ -244,8 +246,9 @@ def build_for(settings: BenchSettings) -> PreTrainedModel:
 
 def adapt(model: PreTrainedModel, settings: BenchSettings, lora: LoraConfig) -> nn.Module:
     """Checkpointing on, LoRA attached, training mode: the model the timed steps train."""
-    from tasks.core.adapters import with_expert_compute
+    from tasks.core.adapters import prepare_quantized, with_expert_compute
 
+    model = prepare_quantized(model, settings.upcast_frozen)  # as train does under nf4
     enable_checkpointing(model)
     model = attach_lora(model, lora, settings.attention_rank, settings.expert_rank)
     model = with_expert_compute(model, settings.expert_compute)
@@ -416,7 +419,7 @@ def flagship_estimate(config: Qwen3MoeConfig, lora: LoraConfig, settings: BenchS
 
     shape = Shape(settings.batch_size, settings.seq_len, "nf4", settings.loss_chunk_tokens, True,
                   bench_lora_config(lora, settings.attention_rank, settings.expert_rank), optimizer_name(settings),
-                  settings.expert_compute)
+                  settings.expert_compute, settings.upcast_frozen)
     terms = stage_memory(meta_model(config), shape, dtype_bytes=2 if settings.dtype_name == "bf16" else 4)
     return {"terms_gib": {k: round(v / GIB, 3) for k, v in terms.items()}, "total_gib": round(sum(terms.values()) / GIB, 3)}
 
@@ -484,6 +487,7 @@ def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module,
         "expected_lora_parameters": lora_parameter_count(config, settings.attention_rank, settings.expert_rank),
         "loss_chunk_tokens": settings.loss_chunk_tokens,
         "expert_compute": settings.expert_compute,
+        "upcast_frozen": settings.upcast_frozen,
         "estimate": estimate_against(report.estimated_terms, train_peak),
         "versions": versions(),
         "preflight": report.to_dict(),
@@ -547,6 +551,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="default: params.yaml train.lora.expert_r, else r; 0: no expert adapters")
     parser.add_argument("--expert-compute", choices=["routed", "fold"], default=None,
                         help="default: params.yaml train.expert_compute")
+    parser.add_argument("--upcast-frozen", action=argparse.BooleanOptionalAction, default=None,
+                        help="frozen bf16 weights to fp32 as peft does (default: params.yaml train.upcast_frozen)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
                         help="default: params.yaml train.loss_chunk_tokens; 0: full logits (the model's own loss)")
     parser.add_argument("--params", type=Path, default=PROJECT / "params.yaml")
@@ -573,6 +579,7 @@ def settings_from(args: argparse.Namespace, train: TrainConfig, device: str) -> 
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
         attention_rank=args.attention_rank or lora.r, expert_rank=expert_rank(args, lora),
         loss_chunk_tokens=loss_chunk(args, train), expert_compute=args.expert_compute or train.expert_compute,
+        upcast_frozen=train.upcast_frozen if args.upcast_frozen is None else args.upcast_frozen,
     )
 
 

@@ -35,3 +35,4 @@ run attention-only --expert-rank 0 --loss-chunk-tokens 256          # no expert 
 run expert-r1 --loss-chunk-tokens 128 --expert-rank 1              # the least expert LoRA
 run long-16k --seq-len 16384                                        # the defaults on a long reasoning sequence
 run long-32k --seq-len 32768 --steps 1                              # and twice that
+run upcast --upcast-frozen                                          # the defaults with peft's fp32 frozen weights

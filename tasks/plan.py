@@ -48,6 +48,7 @@ class Shape:
     lora: LoraConfig
     optimizer: str = "adamw_torch"  # resolved (tasks/core/trainer.py::resolve_optimizer)
     expert_compute: str = "routed"  # train.expert_compute
+    upcast_frozen: bool = False  # train.upcast_frozen
 
 
 @dataclass
@@ -172,15 +173,16 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def weight_bytes(model: nn.Module, quantization: str, dtype_bytes: int) -> int:
+def weight_bytes(model: nn.Module, quantization: str, dtype_bytes: int, upcast_frozen: bool = False) -> int:
     """The weights as training would store them: attention and experts in NF4 under `nf4`, the rest
-    (and everything otherwise) in the training dtype."""
+    (and everything otherwise) in the training dtype, or fp32 under `nf4` with `train.upcast_frozen`."""
     from tasks.core.preflight import part_of
 
+    rest = 4 if quantization == "nf4" and upcast_frozen else dtype_bytes
     total = 0.0
     for name, param in {id(p): (n, p) for n, p in model.named_parameters()}.values():
         four_bit = quantization == "nf4" and param.ndim >= 2 and part_of(name) in ("attention", "experts")
-        total += param.numel() * (NF4_BYTES_PER_PARAM if four_bit else dtype_bytes)
+        total += param.numel() * (NF4_BYTES_PER_PARAM if four_bit else rest)
     return int(total)
 
 
@@ -205,7 +207,8 @@ def stage_memory(model: nn.Module, shape: Shape, dtype_bytes: int) -> dict[str, 
     """The preflight's memory terms for one step of this shape (tasks/core/preflight.py::memory_terms)."""
     from tasks.core.preflight import memory_terms
 
-    return memory_terms(model.config, weight_bytes(model, shape.quantization, dtype_bytes), lora_parameters(model, shape.lora),
+    weights = weight_bytes(model, shape.quantization, dtype_bytes, shape.upcast_frozen)
+    return memory_terms(model.config, weights, lora_parameters(model, shape.lora),
                         shape.batch_size * shape.seq_len, shape.loss_chunk_tokens, shape.gradient_checkpointing,
                         shape.optimizer, dtype_bytes, shape.lora.target_parameters, shape.quantization == "nf4",
                         shape.expert_compute == "routed")
@@ -338,7 +341,7 @@ def make_plan(params: Params, root: Path = Path("."), tokens_per_second: float |
         seq_len = (params.prepare.packing.row_length or params.prepare.max_length) if packed else params.prepare.max_length
         rows, per_row, measured = _tokens_per_row(stage, report, packed, params.prepare.max_length)
         shape = Shape(spec.batch_size, seq_len, train.quantization, train.loss_chunk_tokens, train.gradient_checkpointing,
-                      job.lora, optimizer)
+                      job.lora, optimizer, train.expert_compute, train.upcast_frozen)
         plan = TrainPlan(stage, rows, per_row, measured, spec.max_steps,
                          int(spec.max_steps * spec.batch_size * spec.gradient_accumulation_steps * per_row * processes),
                          stage_memory(model, shape, dtype_bytes), limit_bytes,

@@ -70,3 +70,24 @@ def test_an_adapter_with_its_own_expert_rank_loads_back_for_the_next_stage(unit_
     again = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     assert saved.keys() == again.keys()
     assert all(torch.equal(saved[n], again[n]) and again[n].requires_grad for n in saved)
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_a_4bit_base_is_frozen_and_upcast_only_when_asked(tmp_path, unit_tokenizer, upcast):
+    """train.upcast_frozen: peft's fp32 cast of the frozen 16-bit weights (embeddings, LM head,
+    norms, router) is opt-in; 4-bit weights are never touched."""
+    from tasks.core.adapters import prepare_quantized
+    from tasks.core.modeling import BaseInfo, load_base_model
+
+    tiny_model(unit_tokenizer).save_pretrained(tmp_path, safe_serialization=True)
+    unit_tokenizer.save_pretrained(tmp_path)
+    model = load_base_model(BaseInfo(kind="tiny", name_or_path=str(tmp_path)), "nf4")
+    for name, param in model.named_parameters():  # as a GPU load holds them
+        if param.dtype == torch.float32:
+            param.data = param.data.to(torch.bfloat16)
+    four_bit = {n: p.dtype for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    model = prepare_quantized(model, upcast)
+    assert four_bit and {n: p.dtype for n, p in model.named_parameters() if n in four_bit} == four_bit
+    assert not any(p.requires_grad for p in model.parameters())
+    sixteen = {p.dtype for n, p in model.named_parameters() if n not in four_bit}
+    assert sixteen == ({torch.float32} if upcast else {torch.bfloat16})

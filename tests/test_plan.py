@@ -120,6 +120,13 @@ def test_a_stage_that_cannot_fit_exits_1_naming_it_and_a_lever(tmp_path, flagshi
     assert f"train@embedding: estimated peak 23.95 GiB > 18.00 GiB; try {lever}" in done.stderr
     assert f"does not fit: try {lever}" in done.stdout
     assert "weights 15.5" in done.stdout or "weights 15.6" in done.stdout  # GiB: NF4 experts and attention, bf16 rest
+    # the plan reads train.expert_compute and train.upcast_frozen from params.yaml
+    params["train"].update(expert_compute="fold", upcast_frozen=True)
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = plan_in(ws.root, "--device", "gpu", "--json")
+    memory = json.loads(done.stdout)["training"][0]["memory"]
+    assert "expert_fold" in memory and "expert_dequant" not in memory
+    assert memory["weights"] / GIB == pytest.approx(16.73, abs=0.01)  # bf16 embeddings, LM head, norms, router in fp32
 
 
 @pytest.mark.slow

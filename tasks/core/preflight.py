@@ -186,11 +186,22 @@ def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_t
     weights = sum(_numel(n, p) * NF4_BYTES_PER_PARAM if _is_four_bit(n, p) else p.numel() * p.element_size()
                   for n, p in frozen)  # 4-bit: the packed values and their quantization statistics
     trainable = sum(p.numel() for _, p in params if p.requires_grad)
-    compute_bytes = model.get_input_embeddings().weight.element_size()
+    compute_bytes = compute_dtype_bytes(model)
     targets = [t for config in getattr(model, "peft_config", {}).values() for t in config.target_parameters or []]
     quantized = any(parametrize.is_parametrized(m, p) for m in model.modules() for p in EXPERT_PARAMETERS)
     return memory_terms(model.config, weights, trainable, batch_size * seq_len, loss_chunk_tokens, gradient_checkpointing,
                         optimizer, compute_bytes, targets, quantized, is_routed(model))
+
+
+def compute_dtype_bytes(model: nn.Module) -> int:
+    """Bytes of the dtype the model computes in: the one it was loaded in (config.dtype), which
+    stays bf16 when train.upcast_frozen casts the frozen embeddings to fp32; else its embeddings'."""
+    import torch
+
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    return model.get_input_embeddings().weight.element_size()
 
 
 def estimate_peak_bytes(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None,

@@ -57,9 +57,9 @@ def stage_params(job: TrainJob) -> dict[str, str]:
     """What a training stage ran with: its own settings, its LoRA and the train-wide switches."""
     out = flatten(job.spec.train.model_dump(exclude={"lora"})) | flatten(job.lora.model_dump(), "lora.")
     out |= {"init_from": job.spec.init_from, "kind": job.spec.kind}
-    wide = job.train.model_dump(include={"quantization", "chain_policy", "packing", "gradient_checkpointing",
-                                         "loss_chunk_tokens", "expert_compute", "optimizer", "liger_kernels",
-                                         "launcher"})
+    wide = job.train.model_dump(include={"quantization", "upcast_frozen", "chain_policy", "packing",
+                                         "gradient_checkpointing", "loss_chunk_tokens", "expert_compute",
+                                         "optimizer", "liger_kernels", "launcher"})
     return out | flatten(wide)
 
 
