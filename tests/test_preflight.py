@@ -6,23 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.core.config import LoraConfig, TinyModelConfig
-from tasks.core.modeling import BaseInfo, build_tiny_model, load_base_model, train_tokenizer
-from tasks.core.preflight import PreflightError, check, part_of, run_preflight
 from tasks.core.adapters import peft_lora_config
+from tasks.core.config import LoraConfig
+from tasks.core.modeling import BaseInfo, load_base_model
+from tasks.core.preflight import PreflightError, check, part_of, run_preflight
+from tiny_base import save_tiny_base
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> BaseInfo:
-    out = tmp_path_factory.mktemp("base")
-    tok = train_tokenizer(["Mara has 3 red apples. 2 + 5 = 7."] * 20, vocab_size=300)
-    cfg = TinyModelConfig(hidden_size=64, num_hidden_layers=2, head_dim=16, num_experts=4, moe_intermediate_size=64,
-                          pretrain={"max_steps": 1, "batch_size": 1, "learning_rate": 1e-3})
-    build_tiny_model(cfg, tok, seed=0).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return BaseInfo(kind="tiny", name_or_path=str(out))
+    return save_tiny_base(tmp_path_factory.mktemp("base"))
 
 
 def with_lora(model, target_parameters=EXPERTS):

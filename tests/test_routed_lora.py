@@ -8,22 +8,17 @@ import pytest
 import torch
 
 from tasks.core.adapters import new_adapter
-from tasks.core.config import LoraConfig, TinyModelConfig
-from tasks.core.modeling import BaseInfo, build_tiny_model, load_base_model, train_tokenizer
+from tasks.core.config import LoraConfig
+from tasks.core.modeling import BaseInfo, load_base_model
 from tasks.core.routed_lora import FACTORS, RoutedLoraUnsupported, route_expert_lora
+from tiny_base import save_tiny_base
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> BaseInfo:
-    out = tmp_path_factory.mktemp("base")
-    tok = train_tokenizer(["Mara has 3 red apples. 2 + 5 = 7."] * 20, vocab_size=300)
-    cfg = TinyModelConfig(hidden_size=64, num_hidden_layers=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-                          moe_intermediate_size=32, pretrain={"max_steps": 1, "batch_size": 1, "learning_rate": 1e-3})
-    build_tiny_model(cfg, tok, seed=0).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return BaseInfo(kind="tiny", name_or_path=str(out))
+    return save_tiny_base(tmp_path_factory.mktemp("base"), num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 
 
 def adapted(info: BaseInfo, quantization: str, dtype: torch.dtype = torch.float32, targets=EXPERTS, r: int = 4):
