@@ -6,8 +6,8 @@ instead of costing GPU hours.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
