@@ -27,7 +27,7 @@ run: $(BIN)/.installed
 	$(BIN)/python -m flows.pipeline
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15  # the slowest, for whoever trims the suite
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
