@@ -35,6 +35,7 @@ class PreflightReport:
     estimated_peak_bytes: int = 0
     estimated_terms: dict[str, int] = field(default_factory=dict)  # what the peak estimate adds up
     available_bytes: int | None = None
+    levers: dict[str, str] = field(default_factory=dict)  # the memory settings the estimate assumed
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -51,6 +52,7 @@ class PreflightReport:
             f"  adapter {self.adapter_bytes / 2**20:.2f} MiB; estimated peak {self.estimated_peak_bytes / gib:.2f} GiB"
             + (f" of {self.available_bytes / gib:.2f} GiB available" if self.available_bytes else ""),
             "  = " + " + ".join(f"{name} {size / gib:.2f}" for name, size in self.estimated_terms.items()) + " GiB",
+            "  levers: " + ", ".join(f"{name} {value}" for name, value in self.levers.items()),
         ]
         return "\n".join(lines + [f"  PROBLEM: {p}" for p in self.problems])
 
@@ -230,6 +232,7 @@ def run_preflight(model: nn.Module, quantization: str, expects_experts: bool, ba
     count_parameters(model, report)
     report.estimated_terms = estimate_terms(model, batch_size, seq_len, loss_chunk_tokens, gradient_checkpointing, optimizer)
     report.estimated_peak_bytes = sum(report.estimated_terms.values())
+    report.levers = memory_levers(model, loss_chunk_tokens, gradient_checkpointing, optimizer)
     report.available_bytes = memory_limit_bytes or available_bytes()
     has_experts = report.parameters_by_part.get("experts", 0) > 0
     full_experts = report.parameters_by_part.get("experts", 0) - report.four_bit_by_part.get("experts", 0)
@@ -252,6 +255,22 @@ def run_preflight(model: nn.Module, quantization: str, expects_experts: bool, ba
             + ("" if loss_chunk_tokens else ", or set train.loss_chunk_tokens (no full-vocabulary logits)")
         )
     return report
+
+
+def memory_levers(model: nn.Module, loss_chunk_tokens: int | None, gradient_checkpointing: bool,
+                  optimizer: str) -> dict[str, str]:
+    """How this step is set to spend memory, one line in the preflight: each lever a setting."""
+    from tasks.core.quantize import is_fused_experts
+    from tasks.core.routed_lora import is_routed
+
+    levers = {
+        "loss chunks (train.loss_chunk_tokens)": f"{loss_chunk_tokens} tokens" if loss_chunk_tokens else "off: full logits",
+        "gradient checkpointing": "on" if gradient_checkpointing else "off",
+        "optimizer": optimizer,
+    }
+    if any(is_fused_experts(m) for m in model.modules()):
+        levers["experts (train.expert_compute)"] = "routed" if is_routed(model) else "fold"
+    return levers
 
 
 def check(report: PreflightReport) -> None:
