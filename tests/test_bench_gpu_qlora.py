@@ -181,3 +181,14 @@ class TestFlagship:
             assert result["expert_compute"] == ("routed" if routed else "fold")
             assert (result["trainable_parameters"]["by_part"].get("experts", 0) == 0) == routed
             assert ("expert_fold" in result["estimate"]["terms_gib"]) != routed
+
+
+def test_the_trainer_path_bench_runs_what_train_runs_on_the_tiny_config():
+    """bench/gpu_trainer_path.py: the adapters module and the Trainer, as a training stage calls them."""
+    from bench.gpu_trainer_path import trainer_path_run
+
+    result = trainer_path_run("tiny", steps=2, seq_len=32, device="cpu")
+    assert result["steps"] == 2 and math.isfinite(result["first_loss"]) and result["tokens_per_second"] > 0
+    train = load_params(ROOT / "params.yaml").train
+    assert (result["expert_compute"], result["upcast_frozen"]) == (train.expert_compute, train.upcast_frozen)
+    assert result["peak_train_gib"] is None  # no GPU here
