@@ -26,8 +26,9 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/python -m flows.pipeline
 
+# --durations: the slowest tests in every log, for whoever trims the suite
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15  # the slowest, for whoever trims the suite
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
