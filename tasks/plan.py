@@ -245,11 +245,14 @@ def _no_expert_adapters(s: Shape) -> list[tuple[str, Shape]]:
 
 
 # Changes that lower a step's memory, cheapest in quality first; each gives its candidates, mildest
-# first. The first two change no result; the rest trade quality (4-bit weights, a smaller expert
-# rank, no expert adapters) or the size of a step (batch).
+# first. The first three change no result; frozen weights left in bf16 change them by rounding; the
+# rest trade quality (4-bit weights, a smaller expert rank, no expert adapters) or the size of a
+# step (batch).
 LEVERS: tuple[Callable[[Shape], list[tuple[str, Shape]]], ...] = (
     lambda s: [(f"train.loss_chunk_tokens: {c}", replace(s, loss_chunk_tokens=c)) for c in _smaller_chunks(s.loss_chunk_tokens)],
     lambda s: [] if s.gradient_checkpointing else [("train.gradient_checkpointing: true", replace(s, gradient_checkpointing=True))],
+    lambda s: [] if s.expert_compute == "routed" else [("train.expert_compute: routed", replace(s, expert_compute="routed"))],
+    lambda s: [("train.upcast_frozen: false", replace(s, upcast_frozen=False))] if s.upcast_frozen and s.quantization == "nf4" else [],
     lambda s: [("train.quantization: nf4", replace(s, quantization="nf4"))] if s.quantization == "none" else [],
     _expert_ranks,
     _no_expert_adapters,

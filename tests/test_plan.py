@@ -79,6 +79,11 @@ def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
     extra = sum(stage_memory(flagship, full_logits, 2).values()) - peak
     assert cheapest_lever(flagship, full_logits, 2, limit=peak + extra // 2) == "train.loss_chunk_tokens: 1024"
     assert cheapest_lever(flagship, shape, 2, limit=GIB) is None
+    # folded experts (+1.5 GiB) or upcast frozen weights (+1.2 GiB): switching them back is named
+    # before any trade in quality, once the smallest loss chunk alone does not fit
+    folded_upcast = replace(shape, expert_compute="fold", upcast_frozen=True)
+    assert cheapest_lever(flagship, folded_upcast, 2, limit=peak + int(1.2 * GIB)) == "train.expert_compute: routed"
+    assert cheapest_lever(flagship, replace(shape, upcast_frozen=True), 2, limit=peak) == "train.upcast_frozen: false"
     attention_only = replace(shape, lora=lora.model_copy(update={"target_parameters": []}))
     assert 18 * GIB < sum(stage_memory(flagship, attention_only, 2).values()) < peak  # still a chunk of logits too many
     assert sum(stage_memory(flagship, replace(attention_only, loss_chunk_tokens=256), 2).values()) < 18 * GIB
