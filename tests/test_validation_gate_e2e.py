@@ -5,6 +5,7 @@ the outputs already made."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -47,7 +48,33 @@ def test_flow_stops_at_validate_with_a_readable_summary(failed_run):
     assert "Data Docs (HTML): reports/validation/docs/index.html" in out.stderr  # points to the HTML
     assert (ws.root / "reports/validation/docs/index.html").exists()
     assert "params.yaml" in out.stderr  # says what to do
-    assert "Traceback" not in out.stderr.split("stage validate failed")[-1]
+    assert "Traceback" not in without_prefect_server_teardown(out.stderr.split("stage validate failed")[-1])
+
+
+# Prefect's ephemeral API server, stopping after the flow, can log SQLAlchemy's pool reset of an
+# aiosqlite connection cancelled mid-shutdown, with its traceback (seen once in CI). That is
+# Prefect's teardown, not the validation summary, and every frame of it is SQLAlchemy's or aiosqlite's.
+TEARDOWN = re.compile(r"[^\n]*Exception during reset or similar\nTraceback \(most recent call last\):\n(?P<frames>.*?)"
+                      r"asyncio\.exceptions\.CancelledError\n?", re.DOTALL)
+
+
+def without_prefect_server_teardown(stderr: str) -> str:
+    def cut(match: re.Match) -> str:
+        files = re.findall(r'File "([^"]+)"', match["frames"])
+        return "" if files and all("sqlalchemy" in f or "aiosqlite" in f for f in files) else match[0]
+
+    return TEARDOWN.sub(cut, stderr)
+
+
+def test_prefect_server_teardown_noise_is_all_that_is_cut():
+    noise = ("ERROR sqlalchemy.pool.impl.AsyncAdaptedQueuePool Exception during reset or similar\n"
+             "Traceback (most recent call last):\n"
+             '  File "/v/site-packages/sqlalchemy/pool/base.py", line 1051, in _finalize_fairy\n'
+             '  File "/v/site-packages/aiosqlite/core.py", line 160, in _execute\n'
+             "asyncio.exceptions.CancelledError\n")
+    ours = noise.replace("/v/site-packages/aiosqlite/core.py", "/w/tasks/validate.py")
+    assert without_prefect_server_teardown("summary\n" + noise + "end\n") == "summary\nend\n"
+    assert "Traceback" in without_prefect_server_teardown("summary\n" + ours)
 
 
 def test_nothing_was_trained_and_earlier_outputs_are_kept(failed_run):
