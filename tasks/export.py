@@ -146,7 +146,7 @@ def load_merged(out_dir: Path, dtype: torch.dtype, trust_remote_code: bool = Fal
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
     return AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype, use_safetensors=True, device_map=device_map,
-                                                trust_remote_code=trust_remote_code)
+                                                trust_remote_code=trust_remote_code, use_kernels=False)  # no Hub kernels
 
 
 def measure_parity(reference: list[torch.Tensor], model, rows: list[list[int]], threshold: float) -> Parity:

@@ -95,6 +95,7 @@ class TestSaveAndLoad:
 
         loaded = load_base_model(BaseInfo.load(saved_base))
         assert loaded.device.type == "cpu" and loaded.dtype == torch.float32
+        assert loaded.use_kernels is False  # transformers' Hub kernels (a download at run time) stay off
         ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
         tiny_model.eval()
         loaded.eval()

@@ -341,6 +341,9 @@ def load_base_model(info: BaseInfo, quantization: str = "none") -> PreTrainedMod
         "trust_remote_code": info.trust_remote_code,
         "use_safetensors": True,
         "dtype": torch.bfloat16 if on_gpu else torch.float32,
+        # transformers 5 swaps layers for kernels fetched from the Hub by default: a download at run
+        # time, remote code, and a step that fails on a GPU machine without the `kernels` package
+        "use_kernels": False,
     }
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
