@@ -49,6 +49,9 @@ class Shape:
     optimizer: str = "adamw_torch"  # resolved (tasks/core/trainer.py::resolve_optimizer)
     expert_compute: str = "routed"  # train.expert_compute
     upcast_frozen: bool = False  # train.upcast_frozen
+    offload_expert_adapters: bool = False  # resolved (tasks/core/expert_offload.py::resolve_expert_offload)
+    on_gpu: bool = True  # offloading moves something only from a GPU
+    experts_per_dequant: int | None = None  # train.experts_per_dequant
 
 
 @dataclass
@@ -195,6 +198,12 @@ def lora_parameters(model: nn.Module, lora: LoraConfig) -> int:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules:
             total += lora.r * (module.in_features + module.out_features)
+    return total + expert_lora_parameters(model, lora)
+
+
+def expert_lora_parameters(model: nn.Module, lora: LoraConfig) -> int:
+    """The fused expert stacks' share of `lora_parameters`."""
+    total = 0
     expert_r = lora.expert_r or lora.r
     for name, param in model.named_parameters():
         if param.ndim == 3 and any(name.endswith(t) for t in lora.target_parameters):
@@ -208,10 +217,12 @@ def stage_memory(model: nn.Module, shape: Shape, dtype_bytes: int) -> dict[str, 
     from tasks.core.preflight import memory_terms
 
     weights = weight_bytes(model, shape.quantization, dtype_bytes, shape.upcast_frozen)
+    offloaded = shape.offload_expert_adapters and shape.on_gpu and shape.expert_compute == "routed"
+    host_trainable = expert_lora_parameters(model, shape.lora) if offloaded else 0
     return memory_terms(model.config, weights, lora_parameters(model, shape.lora),
                         shape.batch_size * shape.seq_len, shape.loss_chunk_tokens, shape.gradient_checkpointing,
                         shape.optimizer, dtype_bytes, shape.lora.target_parameters, shape.quantization == "nf4",
-                        shape.expert_compute == "routed")
+                        shape.expert_compute == "routed", host_trainable, shape.experts_per_dequant)
 
 
 def _halvings(value: int) -> list[int]:
@@ -244,15 +255,33 @@ def _no_expert_adapters(s: Shape) -> list[tuple[str, Shape]]:
              replace(s, lora=s.lora.model_copy(update={"target_parameters": []})))]
 
 
+def _smaller_dequant_chunks(s: Shape) -> list[tuple[str, Shape]]:
+    """Fewer 4-bit experts dequantized at once (routed, nf4), halvings down to 8."""
+    if s.quantization != "nf4" or s.expert_compute != "routed":
+        return []
+    return [(f"train.experts_per_dequant: {c}", replace(s, experts_per_dequant=c))
+            for c in _halvings(s.experts_per_dequant or 128) if c >= 8]
+
+
+def _offload(s: Shape) -> list[tuple[str, Shape]]:
+    """Expert adapters in host memory: slower steps, torch AdamW (fp32 moments); needs routed experts."""
+    if s.offload_expert_adapters or not s.on_gpu or not s.lora.target_parameters:
+        return []
+    return [("train.offload_expert_adapters: on",
+             replace(s, offload_expert_adapters=True, expert_compute="routed", optimizer="adamw_torch"))]
+
+
 # Changes that lower a step's memory, cheapest in quality first; each gives its candidates, mildest
-# first. The first three change no result; frozen weights left in bf16 change them by rounding; the
-# rest trade quality (4-bit weights, a smaller expert rank, no expert adapters) or the size of a
-# step (batch).
+# first. The first four change no result; frozen weights left in bf16 change them by rounding;
+# expert adapters in host memory trade speed (and step them with fp32 AdamW); the rest trade
+# quality (4-bit weights, a smaller expert rank, no expert adapters) or the size of a step (batch).
 LEVERS: tuple[Callable[[Shape], list[tuple[str, Shape]]], ...] = (
     lambda s: [(f"train.loss_chunk_tokens: {c}", replace(s, loss_chunk_tokens=c)) for c in _smaller_chunks(s.loss_chunk_tokens)],
     lambda s: [] if s.gradient_checkpointing else [("train.gradient_checkpointing: true", replace(s, gradient_checkpointing=True))],
+    _smaller_dequant_chunks,
     lambda s: [] if s.expert_compute == "routed" else [("train.expert_compute: routed", replace(s, expert_compute="routed"))],
     lambda s: [("train.upcast_frozen: false", replace(s, upcast_frozen=False))] if s.upcast_frozen and s.quantization == "nf4" else [],
+    _offload,
     lambda s: [("train.quantization: nf4", replace(s, quantization="nf4"))] if s.quantization == "none" else [],
     _expert_ranks,
     _no_expert_adapters,
@@ -327,11 +356,11 @@ def make_plan(params: Params, root: Path = Path("."), tokens_per_second: float |
         return Plan(stages, [], bool(for_gpu))
     import torch
 
+    from tasks.core.expert_offload import resolve_expert_offload
     from tasks.core.trainer import resolve_optimizer
 
     on_gpu = torch.cuda.is_available() if for_gpu is None else for_gpu
     dtype_bytes = 2 if on_gpu else 4  # bf16 on a GPU, fp32 on a CPU (tasks/core/modeling.py::load_base_model)
-    optimizer = resolve_optimizer(params.train.optimizer, on_gpu)
     report = json.loads(paths.DATA_REPORT.read_text()) if paths.DATA_REPORT.exists() else {}
     model = meta_model(planned_config(params))
     train = params.train
@@ -343,8 +372,10 @@ def make_plan(params: Params, root: Path = Path("."), tokens_per_second: float |
         packed = train.packing
         seq_len = (params.prepare.packing.row_length or params.prepare.max_length) if packed else params.prepare.max_length
         rows, per_row, measured = _tokens_per_row(stage, report, packed, params.prepare.max_length)
+        offload = resolve_expert_offload(train, job.lora, on_gpu)
         shape = Shape(spec.batch_size, seq_len, train.quantization, train.loss_chunk_tokens, train.gradient_checkpointing,
-                      job.lora, optimizer, train.expert_compute, train.upcast_frozen)
+                      job.lora, resolve_optimizer(train.optimizer, on_gpu, offload), train.expert_compute,
+                      train.upcast_frozen, offload, on_gpu, train.experts_per_dequant)
         plan = TrainPlan(stage, rows, per_row, measured, spec.max_steps,
                          int(spec.max_steps * spec.batch_size * spec.gradient_accumulation_steps * per_row * processes),
                          stage_memory(model, shape, dtype_bytes), limit_bytes,

@@ -33,6 +33,7 @@ from tasks.core.launcher import (
     relaunch,
     world_size,
 )
+from tasks.core.expert_offload import offload_expert_adapters, resolve_expert_offload
 from tasks.core.preflight import PreflightError
 from tasks.core.records import write_json
 from tasks.core.trainer import Schedule, TrainingSummary, resolve_liger, resolve_optimizer, run_trainer
@@ -73,6 +74,10 @@ def train_stage(stage: str, params: Params) -> StageResult:
     preflight_stage(model, job)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     schedule = stage_schedule(job, on_gpu)
+    if resolve_expert_offload(job.train, job.lora, on_gpu):
+        # before the Trainer builds its optimizer, so the moments are made on the host; the factors
+        # stay there (the Trainer's model.to leaves them), for the eval loss and saving too
+        offload_expert_adapters(model)
     log.info("train@%s from %s: %d trainable parameters, %d steps", stage, job.spec.init_from, trainable, schedule.max_steps)
     workdir = paths.checkpoint_dir(stage, run_key(stage, params))
     rows = read_packed_rows(stage) if job.train.packing else read_rows(stage, "train")
@@ -96,6 +101,7 @@ def train_stage(stage: str, params: Params) -> StageResult:
 
 def stage_schedule(job: TrainJob, on_gpu: bool) -> Schedule:
     spec = job.spec.train
+    offload = resolve_expert_offload(job.train, job.lora, on_gpu)
     return Schedule(
         max_steps=spec.max_steps,
         batch_size=spec.batch_size,
@@ -107,7 +113,7 @@ def stage_schedule(job: TrainJob, on_gpu: bool) -> Schedule:
         save_steps=job.train.checkpoint_every,
         packed=job.train.packing,
         gradient_checkpointing=job.train.gradient_checkpointing,
-        optimizer=resolve_optimizer(job.train.optimizer, on_gpu),
+        optimizer=resolve_optimizer(job.train.optimizer, on_gpu, offload),
         liger_kernels=resolve_liger(job.train.liger_kernels, on_gpu),
         loss_chunk_tokens=job.train.loss_chunk_tokens,
     )
@@ -156,6 +162,8 @@ def preflight_stage(model, job: TrainJob) -> None:
     from tasks.core.preflight import check, run_preflight
 
     limit = job.train.memory_limit_gb
+    on_gpu = torch.cuda.is_available()
+    offload = resolve_expert_offload(job.train, job.lora, on_gpu)
     report = run_preflight(
         model,
         job.train.quantization,
@@ -165,7 +173,8 @@ def preflight_stage(model, job: TrainJob) -> None:
         memory_limit_bytes=int(limit * 2**30) if limit else None,
         loss_chunk_tokens=job.train.loss_chunk_tokens,
         gradient_checkpointing=job.train.gradient_checkpointing,
-        optimizer=resolve_optimizer(job.train.optimizer, torch.cuda.is_available()),
+        optimizer=resolve_optimizer(job.train.optimizer, on_gpu, offload),
+        offload_expert_adapters=offload,
     )
     if is_main_process():
         write_json(paths.adapter_dir(job.stage) / PREFLIGHT_FILE, report.to_dict())

@@ -159,15 +159,25 @@ class TestFlagship:
         assert estimate["lora_parameters"] == {"attention": 13_369_344, "experts": 629_145_600}
         assert estimate["lora_parameters"] == lora_parameter_count(flagship_config(), 16, 16)
         train = load_params(ROOT / "params.yaml").train
-        shape = Shape(1, 2048, "nf4", train.loss_chunk_tokens, True, train.lora, "paged_adamw_8bit", train.expert_compute)
+        # as an nf4 stage on a GPU resolves params.yaml: expert adapters on the host, torch AdamW
+        assert estimate["offload_expert_adapters"] and estimate["experts_per_dequant"] == train.experts_per_dequant
+        shape = Shape(1, 2048, "nf4", train.loss_chunk_tokens, True, train.lora, "adamw_torch", train.expert_compute,
+                      offload_expert_adapters=True, experts_per_dequant=train.experts_per_dequant)
         terms = stage_memory(meta_model(flagship_config()), shape, dtype_bytes=2)
-        assert estimate["total_gib"] == pytest.approx(sum(terms.values()) / 2**30, abs=1e-3)
+        assert estimate["total_gib"] == pytest.approx(sum(terms.values()) / 2**30, abs=1e-3) and estimate["total_gib"] <= 18
+        assert main(["--estimate", "--no-offload-expert-adapters"]) == 0  # on the GPU: the paged 8-bit optimizer
+        on_gpu = json.loads(capsys.readouterr().out)
+        on_gpu_terms = stage_memory(meta_model(flagship_config()), replace(
+            shape, optimizer="paged_adamw_8bit", offload_expert_adapters=False), dtype_bytes=2)
+        assert on_gpu["total_gib"] == pytest.approx(sum(on_gpu_terms.values()) / 2**30, abs=1e-3)
+        assert "adapter_in_flight" not in on_gpu["terms_gib"] and on_gpu["terms_gib"]["adapter"] > 4.7
         assert estimate["terms_gib"]["weights"] == pytest.approx(15.55, abs=0.01)
         assert main(["--estimate", "--expert-rank", "0", "--expert-compute", "fold"]) == 0
         attention_only = json.loads(capsys.readouterr().out)
         assert attention_only["lora_parameters"]["experts"] == 0 and "expert_fold" not in attention_only["terms_gib"]
         no_experts = stage_memory(meta_model(flagship_config()), replace(
-            shape, lora=train.lora.model_copy(update={"target_parameters": []}), expert_compute="fold"), dtype_bytes=2)
+            shape, lora=train.lora.model_copy(update={"target_parameters": []}), expert_compute="fold",
+            optimizer="paged_adamw_8bit", offload_expert_adapters=False), dtype_bytes=2)
         assert attention_only["total_gib"] == pytest.approx(sum(no_experts.values()) / 2**30, abs=1e-3)
 
     def test_attention_only_and_fold_run_on_the_tiny_config(self, tmp_path, capsys):

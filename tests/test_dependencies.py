@@ -60,6 +60,7 @@ PARAM_CHANGES: dict[str, tuple[Any, set[str]]] = {
     "data.max_reject_share": (0.4, {"ingest", "register"}),
     "train.quantization": ("nf4", TRAIN_STAGES | {"evaluate", "register"}),
     "train.upcast_frozen": (True, TRAIN_STAGES | {"register"}),  # bf16 vs fp32 frozen weights under nf4 on a GPU
+    "train.offload_expert_adapters": ("off", TRAIN_STAGES | {"register"}),  # optimizer differs on a GPU
     "train.lora.r": (4, TRAIN_STAGES | {"register"}),
     "train.gradient_checkpointing": (True, {"register"}),  # same results by design: nothing re-trains
     "train.loss_chunk_tokens": (None, {"register"}),  # same results by design (tests/test_lm_loss.py)

@@ -74,7 +74,10 @@ def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
     assert folded["expert_fold"] == 2 * 128 * 3 * 2048 * 768 * 2 and "expert_dequant" not in folded
     peak = sum(terms.values())
     assert cheapest_lever(flagship, shape, 2, limit=peak + 1) == "train.loss_chunk_tokens: 512"  # fits already: the first that fits
-    assert cheapest_lever(flagship, shape, 2, limit=peak - 2 * GIB) == "train.lora.expert_r: 8"
+    # expert adapters in host memory (-4.7 GiB of adapter, -1.2 of paged moments): before any trade in quality
+    assert cheapest_lever(flagship, shape, 2, limit=peak - 2 * GIB) == "train.offload_expert_adapters: on"
+    on_the_gpu_only = replace(shape, on_gpu=False)  # nothing moves on a CPU: the lever is not offered
+    assert cheapest_lever(flagship, on_the_gpu_only, 2, limit=peak - 2 * GIB) == "train.lora.expert_r: 8"
     full_logits = Shape(1, 2048, "nf4", None, True, lora, "paged_adamw_8bit")
     extra = sum(stage_memory(flagship, full_logits, 2).values()) - peak
     assert cheapest_lever(flagship, full_logits, 2, limit=peak + extra // 2) == "train.loss_chunk_tokens: 1024"
@@ -87,8 +90,30 @@ def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
     attention_only = replace(shape, lora=lora.model_copy(update={"target_parameters": []}))
     assert 18 * GIB < sum(stage_memory(flagship, attention_only, 2).values()) < peak  # still a chunk of logits too many
     assert sum(stage_memory(flagship, replace(attention_only, loss_chunk_tokens=256), 2).values()) < 18 * GIB
-    # no lever alone fits 18 GiB; in order, each as far as it goes: the smallest chunk, then expert ranks
-    assert cheapest_lever(flagship, shape, 2, limit=18 * GIB) == "train.loss_chunk_tokens: 128 + train.lora.expert_r: 2"
+    # no lever alone fits 18 GiB; in order, each as far as it goes: the smallest chunks, then offloading
+    assert cheapest_lever(flagship, shape, 2, limit=18 * GIB) == (
+        "train.loss_chunk_tokens: 128 + train.experts_per_dequant: 8 + train.offload_expert_adapters: on")
+
+
+@needs_flagship
+def test_the_flagship_defaults_fit_18_gib(flagship):
+    """Issue 15's goal, on params.yaml's own defaults as an nf4 stage on a GPU resolves them: r 16 on
+    attention and experts, batch 1 x 2048, gradient checkpointing."""
+    from tasks.core.config import load_params
+    from tasks.core.expert_offload import resolve_expert_offload
+    from tasks.core.trainer import resolve_optimizer
+
+    train = load_params(PROJECT / "params.yaml").train.model_copy(update={"quantization": "nf4"})
+    offload = resolve_expert_offload(train, train.lora, on_gpu=True)
+    assert offload and train.lora.r == 16 and train.lora.expert_r is None and train.lora.target_parameters
+    shape = Shape(1, 2048, "nf4", train.loss_chunk_tokens, True, train.lora, resolve_optimizer(train.optimizer, True, offload),
+                  train.expert_compute, train.upcast_frozen, offload, True, train.experts_per_dequant)
+    terms = stage_memory(flagship, shape, dtype_bytes=2)
+    assert sum(terms.values()) <= 18 * GIB
+    assert terms["adapter"] == terms["optimizer"] == 13_369_344 * 8  # attention's LoRA only: experts' on the host
+    assert terms["adapter_in_flight"] == 629_145_600 // 48 * (4 + 4 + 2)  # one layer's expert factors
+    assert terms["expert_dequant"] == 128 * 3 * 2048 * 768 * 2 * 2 // 3 * 32 // 128  # 32 of 128 experts at once
+    assert terms["logits"] == 256 * 151_936 * 8
 
 
 def test_plan_on_a_fresh_workspace_runs_everything_and_estimates_tokens(tmp_path, monkeypatch):
@@ -118,11 +143,15 @@ def test_a_stage_that_cannot_fit_exits_1_naming_it_and_a_lever(tmp_path, flagshi
     for stage in params["stages"].values():
         stage["train"]["batch_size"] = 1
     ws = make_workspace(tmp_path / "ws", params)
+    done = plan_in(ws.root, "--device", "gpu")  # the defaults: expert adapters on the host, 256-token loss chunks
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "adapter_in_flight" in done.stdout and "weights 15.5" in done.stdout
+    params["train"]["offload_expert_adapters"] = "off"
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = plan_in(ws.root, "--device", "gpu")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    # routed expert LoRA (the default): no lever alone fits 18 GiB; the smallest loss chunk and expert rank 2 do
-    lever = "train.loss_chunk_tokens: 128 + train.lora.expert_r: 2"
-    assert f"train@embedding: estimated peak 23.95 GiB > 18.00 GiB; try {lever}" in done.stderr
+    lever = "train.offload_expert_adapters: on"
+    assert f"train@embedding: estimated peak 22.52 GiB > 18.00 GiB; try {lever}" in done.stderr
     assert f"does not fit: try {lever}" in done.stdout
     assert "weights 15.5" in done.stdout or "weights 15.6" in done.stdout  # GiB: NF4 experts and attention, bf16 rest
     # the plan reads train.expert_compute and train.upcast_frozen from params.yaml

@@ -82,6 +82,36 @@ def test_routed_equals_fold_on_nf4_experts(base, r):
     assert_same(*fold_then_routed(model, ids_for(model)), tol={"rtol": 1e-4, "atol": 1e-5})
 
 
+# uneven chunks (3, 3, 2); one expert a chunk on 3 tokens, so some chunks get no token
+@pytest.mark.parametrize(("chunk", "length"), [(3, 24), (1, 3)])
+def test_dequantizing_a_few_experts_at_a_time_changes_nothing(base, chunk, length):
+    """train.experts_per_dequant: each chunk's slice is the whole stack's, bit for bit, and the
+    step's logits, loss and LoRA gradients are those of whole-stack dequantization."""
+    from tasks.core.routed_lora import _sliceable, dequantize_experts, stack_scales
+
+    model = adapted(base, "nf4")
+    ids = ids_for(model, rows=1, length=length)
+    route_expert_lora(model)
+    # first (bitsandbytes' CPU Linear4bit repacks its weights on its first no-grad call, which moves
+    # later results by ~1e-3; both runs compared below come after it)
+    with torch.no_grad():
+        router = model(input_ids=ids, output_router_logits=True).router_logits[0]
+    hit = torch.bincount(router.topk(2).indices.flatten(), minlength=8)
+    assert (hit == 0).any() == (length == 3)
+    whole = run(model, ids)
+    experts = model.base_model.model.model.layers[0].mlp.experts.get_base_layer()
+    # gate_up_proj's rows (hidden 64) are whole 64-value blocks and are sliced; down_proj's (32) are
+    # not, and it is dequantized whole (the flagship's 2048- and 768-value rows both slice)
+    assert _sliceable(experts, "gate_up_proj") and not _sliceable(experts, "down_proj")
+    for name in ("gate_up_proj",):
+        full = getattr(experts, name)
+        scales = stack_scales(experts, name)
+        assert torch.equal(dequantize_experts(experts, name, 2, 5, scales), full[2:5])
+        assert torch.equal(torch.cat([dequantize_experts(experts, name, e, e + 1, scales) for e in range(8)]), full)
+    route_expert_lora(model, experts_per_dequant=chunk)
+    assert_same(whole, run(model, ids), tol={"rtol": 1e-5, "atol": 1e-6})
+
+
 def test_routed_equals_fold_with_one_stack_targeted(base):
     model = adapted(base, "nf4", targets=["mlp.experts.down_proj"])
     folded = run(model, ids := ids_for(model))

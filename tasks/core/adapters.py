@@ -98,12 +98,12 @@ def attach_adapter(model, job: TrainJob, info=None):
         model = prepare_quantized(model, job.train.upcast_frozen)
     if job.spec.init_from == "base" or job.train.chain_policy == "merge":
         lora = stage_lora(job, info or BaseInfo.load())
-        return with_expert_compute(new_adapter(model, lora), job.train.expert_compute)
+        return with_expert_compute(new_adapter(model, lora), job.train.expert_compute, job.train.experts_per_dequant)
     previous = paths.adapter_dir(job.spec.init_from)
     if not (previous / "adapter_config.json").exists():
         raise FileNotFoundError(f"{previous} holds no adapter: run train@{job.spec.init_from} first")
     adapted = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
-    return with_expert_compute(adapted, job.train.expert_compute)
+    return with_expert_compute(adapted, job.train.expert_compute, job.train.experts_per_dequant)
 
 
 def prepare_quantized(model, upcast_frozen: bool):
@@ -121,12 +121,13 @@ def prepare_quantized(model, upcast_frozen: bool):
     return model
 
 
-def with_expert_compute(model, expert_compute: str):
+def with_expert_compute(model, expert_compute: str, experts_per_dequant: int | None = None):
     """`model` with its fused experts computing as `train.expert_compute` says (routed: LoRA on the
-    routed tokens, tasks/core/routed_lora.py; fold: peft's own way)."""
+    routed tokens, 4-bit stacks dequantized `train.experts_per_dequant` experts at a time,
+    tasks/core/routed_lora.py; fold: peft's own way)."""
     if expert_compute == "routed":
         from tasks.core.routed_lora import route_expert_lora
 
-        if count := route_expert_lora(model):
+        if count := route_expert_lora(model, experts_per_dequant):
             log.info("experts: LoRA on routed tokens in %d layers (train.expert_compute: routed)", count)
     return model

@@ -332,19 +332,31 @@ class TrainConfig(Strict):
     # backward pass (tasks/core/lm_loss.py): [tokens, vocab] logits never exist at once (Qwen3's
     # 151,936-wide head: ~1.2 GB of fp32 logits per 2k tokens). Same results, so not a DVC param;
     # None: the model's own loss on full logits. Liger's fused loss replaces it when Liger is on.
-    loss_chunk_tokens: PositiveInt | None = 1024
+    loss_chunk_tokens: PositiveInt | None = 256
     # How fused MoE experts compute under LoRA (tasks/core/routed_lora.py). routed: LoRA as x·A·B on
     # each expert's routed tokens, 4-bit experts dequantized again for the backward; fold: peft's
     # way, LoRA folded into a copy of every expert's weight (+~2.3 GiB per step for Qwen3-30B-A3B).
     # Same results, so not a DVC param.
     expert_compute: Literal["routed", "fold"] = "routed"
+    # Keep the expert adapters' fp32 weights, gradients and Adam moments in host memory while a stage
+    # trains on a GPU, each layer's factors copied over while it computes (tasks/core/expert_offload.py):
+    # Qwen3-30B-A3B at r 16 then trains in under 18 GiB instead of 22, for speed. auto: under nf4 with
+    # routed experts, a torch optimizer and one process; on: insist; off: adapters on the GPU. The
+    # offloaded step uses torch AdamW (fp32 moments) where auto would pick paged 8-bit AdamW, so
+    # results differ: a DVC param of the training stages. Nothing moves on a CPU.
+    offload_expert_adapters: Literal["auto", "on", "off"] = "auto"
+    # Routed 4-bit experts are dequantized this many at a time, each chunk's matmul on its own slice,
+    # so a layer's whole stack never exists in bf16 (Qwen3-30B-A3B: 0.75 GiB a stack, 0.19 at 32 of
+    # its 128). Same results (tests/test_routed_lora.py), so not a DVC param; None: the whole stack.
+    experts_per_dequant: PositiveInt | None = 32
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Memory the preflight check compares its estimate with; None: the device's free memory.
     memory_limit_gb: PositiveFloat | None = None
     # Checkpoint every N optimizer steps, so a killed stage resumes instead of starting over.
     checkpoint_every: PositiveInt | None = 50
     # auto: paged 8-bit AdamW (bitsandbytes) on GPU, torch AdamW on CPU; or a transformers optim name.
-    optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = "auto"
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit",
+                       "paged_adamw_32bit"] = "auto"
     # Liger kernels (fused RMSNorm, SwiGLU, RoPE, linear cross-entropy): auto = on a GPU when the
     # liger-kernel package is installed; on = required (fails if it cannot be used).
     liger_kernels: Literal["auto", "on", "off"] = "auto"

@@ -114,7 +114,8 @@ OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit":
 def memory_terms(config, weights_bytes: int, trainable: int, tokens: int, loss_chunk_tokens: int | None = None,
                  gradient_checkpointing: bool = False, optimizer: str = "adamw_torch", activation_bytes: int = 2,
                  expert_targets: Sequence[str] = (), quantized_experts: bool = False,
-                 routed_experts: bool = False) -> dict[str, int]:
+                 routed_experts: bool = False, host_trainable: int = 0,
+                 experts_per_dequant: int | None = None) -> dict[str, int]:
     """The peak's terms in bytes, from the model's config and what it holds: weights as stored,
     trainable params with grads and Adam moments, activations (every layer's; with gradient
     checkpointing each layer's input plus one layer's during its recompute) in `activation_bytes`
@@ -123,7 +124,10 @@ def memory_terms(config, weights_bytes: int, trainable: int, tokens: int, loss_c
     (`expert_weight_terms`). Adapter weights and their gradients are fp32 (peft keeps them so); the
     optimizer's two moments are fp32 or 8-bit (`optimizer`, a transformers name), `optimizer_paged`
     for a paged optimizer. The preflight (a loaded model) and `tasks.plan` (a model on the meta
-    device) both use it; bench/gpu_qlora.py checks it against an H200 (bench/results/)."""
+    device) both use it; bench/gpu_qlora.py checks it against an H200 (bench/results/).
+    `host_trainable` of the trainable parameters are expert factors kept in host memory
+    (tasks/core/expert_offload.py): they, their gradients and moments leave the GPU terms, and one
+    layer's share comes over at a time (`adapter_in_flight`: fp32 copy, its gradient, its cast)."""
     layers, hidden = config.num_hidden_layers, config.hidden_size
     if gradient_checkpointing:
         activations = layers * tokens * hidden * 2 + tokens * hidden * _ACTIVATION_FACTOR  # bf16 layer inputs
@@ -133,21 +137,29 @@ def memory_terms(config, weights_bytes: int, trainable: int, tokens: int, loss_c
     # A paged optimizer's moments live in CUDA managed memory: on the GPU while it has room, evicted
     # to the host under pressure, and outside torch's allocator count (torch.cuda.max_memory_allocated).
     optimizer_term = "optimizer_paged" if optimizer.startswith("paged_") else "optimizer"
+    on_gpu = trainable - host_trainable
     terms = {
         "weights": int(weights_bytes),
-        "adapter": trainable * (4 + 4),  # fp32 weights and their gradients
-        optimizer_term: trainable * OPTIMIZER_STATE_BYTES.get(optimizer, 8),
+        "adapter": on_gpu * (4 + 4),  # fp32 weights and their gradients
+        optimizer_term: on_gpu * OPTIMIZER_STATE_BYTES.get(optimizer, 8),
         "activations": activations * activation_bytes // 2,  # the factor is counted in 16-bit values
         "logits": logit_rows * config.vocab_size * 4 * 2,  # fp32 logits and their gradient
     }
+    if host_trainable:
+        terms["adapter_in_flight"] = host_trainable // layers * (4 + 4 + activation_bytes)
     kept_layers = 1 if gradient_checkpointing else layers
     terms.update(expert_weight_terms(config, expert_targets, activation_bytes, quantized_experts, routed_experts,
-                                     kept_layers))
+                                     kept_layers, experts_per_dequant))
     return terms
 
 
+def host_adapter_bytes(host_trainable: int) -> int:
+    """Host memory of offloaded expert factors: fp32 weights, gradients and two fp32 Adam moments."""
+    return host_trainable * (4 + 4 + 8)
+
+
 def expert_weight_terms(config, targets: Sequence[str], compute_bytes: int, quantized: bool, routed: bool,
-                        kept_layers: int) -> dict[str, int]:
+                        kept_layers: int, experts_per_dequant: int | None = None) -> dict[str, int]:
     """Copies of fused expert weights in the compute dtype that a step holds beyond the stored weights.
 
     fold (peft's way, `train.expert_compute: fold`): each targeted stack gets LoRA added to a full
@@ -157,14 +169,16 @@ def expert_weight_terms(config, targets: Sequence[str], compute_bytes: int, quan
     kept the same way (`expert_dequant`).
     routed (tasks/core/routed_lora.py): LoRA acts on the routed tokens, nothing is folded, and a 4-bit
     stack is dequantized again in the backward instead of kept: one stack's copy at a time, the
-    larger (gate_up_proj, 2/3 of a layer's experts) (`expert_dequant`); nothing in bf16.
+    larger (gate_up_proj, 2/3 of a layer's experts) (`expert_dequant`), and of it only
+    `experts_per_dequant` experts at once (`train.experts_per_dequant`); nothing in bf16.
     """
     experts = getattr(config, "num_experts", 0) or 0
     layer = experts * 3 * config.hidden_size * (getattr(config, "moe_intermediate_size", 0) or 0) * compute_bytes
     if not layer:
         return {}
     if routed:
-        return {"expert_dequant": layer * 2 // 3} if quantized else {}
+        share = min(experts_per_dequant or experts, experts)
+        return {"expert_dequant": layer * 2 // 3 * share // experts} if quantized else {}
     targeted = {t.rsplit(".", 1)[-1] for t in targets}
     folded = layer * (2 * ("gate_up_proj" in targeted) + ("down_proj" in targeted)) // 3
     terms = {"expert_fold": folded * (kept_layers + 1)} if folded else {}
@@ -174,10 +188,12 @@ def expert_weight_terms(config, targets: Sequence[str], compute_bytes: int, quan
 
 
 def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_tokens: int | None = None,
-                   gradient_checkpointing: bool = False, optimizer: str = "adamw_torch") -> dict[str, int]:
+                   gradient_checkpointing: bool = False, optimizer: str = "adamw_torch",
+                   offload_expert_adapters: bool = False) -> dict[str, int]:
     """`memory_terms` of a loaded model: its weights as they are stored, its trainable parameters,
-    its compute dtype, the expert stacks its adapter targets, whether they are 4-bit, and whether
-    they compute routed (`tasks.core.routed_lora.route_expert_lora`)."""
+    its compute dtype, the expert stacks its adapter targets, whether they are 4-bit, whether they
+    compute routed (`tasks.core.routed_lora.route_expert_lora`) and whether their adapters are
+    kept on the host."""
     from torch.nn.utils import parametrize
 
     from tasks.core.quantize import EXPERT_PARAMETERS
@@ -192,7 +208,22 @@ def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_t
     targets = [t for config in getattr(model, "peft_config", {}).values() for t in config.target_parameters or []]
     quantized = any(parametrize.is_parametrized(m, p) for m in model.modules() for p in EXPERT_PARAMETERS)
     return memory_terms(model.config, weights, trainable, batch_size * seq_len, loss_chunk_tokens, gradient_checkpointing,
-                        optimizer, compute_bytes, targets, quantized, is_routed(model))
+                        optimizer, compute_bytes, targets, quantized, is_routed(model),
+                        host_trainable(model) if offload_expert_adapters else 0, experts_per_dequant(model))
+
+
+def experts_per_dequant(model: nn.Module) -> int | None:
+    """What `route_expert_lora` set on the model's routed experts (None: whole stacks)."""
+    from tasks.core.routed_lora import DEQUANT_CHUNK
+
+    return next((getattr(m, DEQUANT_CHUNK) for m in model.modules() if getattr(m, DEQUANT_CHUNK, None)), None)
+
+
+def host_trainable(model: nn.Module) -> int:
+    """Trainable parameters `offload_expert_adapters` keeps on the host: the routed experts' factors."""
+    from tasks.core.expert_offload import expert_adapter_parameters
+
+    return sum(p.numel() for p, _home in expert_adapter_parameters(model))
 
 
 def compute_dtype_bytes(model: nn.Module) -> int:
@@ -226,13 +257,15 @@ def available_bytes() -> int | None:
 
 def run_preflight(model: nn.Module, quantization: str, expects_experts: bool, batch_size: int, seq_len: int,
                   memory_limit_bytes: int | None = None, loss_chunk_tokens: int | None = None,
-                  gradient_checkpointing: bool = False, optimizer: str = "adamw_torch") -> PreflightReport:
+                  gradient_checkpointing: bool = False, optimizer: str = "adamw_torch",
+                  offload_expert_adapters: bool = False) -> PreflightReport:
     """Build the report and record every problem; `check` turns problems into an error."""
     report = PreflightReport(quantization=quantization)
     count_parameters(model, report)
-    report.estimated_terms = estimate_terms(model, batch_size, seq_len, loss_chunk_tokens, gradient_checkpointing, optimizer)
+    report.estimated_terms = estimate_terms(model, batch_size, seq_len, loss_chunk_tokens, gradient_checkpointing, optimizer,
+                                            offload_expert_adapters)
     report.estimated_peak_bytes = sum(report.estimated_terms.values())
-    report.levers = memory_levers(model, loss_chunk_tokens, gradient_checkpointing, optimizer)
+    report.levers = memory_levers(model, loss_chunk_tokens, gradient_checkpointing, optimizer, offload_expert_adapters)
     report.available_bytes = memory_limit_bytes or available_bytes()
     has_experts = report.parameters_by_part.get("experts", 0) > 0
     full_experts = report.parameters_by_part.get("experts", 0) - report.four_bit_by_part.get("experts", 0)
@@ -258,7 +291,7 @@ def run_preflight(model: nn.Module, quantization: str, expects_experts: bool, ba
 
 
 def memory_levers(model: nn.Module, loss_chunk_tokens: int | None, gradient_checkpointing: bool,
-                  optimizer: str) -> dict[str, str]:
+                  optimizer: str, offload_expert_adapters: bool = False) -> dict[str, str]:
     """How this step is set to spend memory, one line in the preflight: each lever a setting."""
     from tasks.core.quantize import is_fused_experts
     from tasks.core.routed_lora import is_routed
@@ -270,6 +303,11 @@ def memory_levers(model: nn.Module, loss_chunk_tokens: int | None, gradient_chec
     }
     if any(is_fused_experts(m) for m in model.modules()):
         levers["experts (train.expert_compute)"] = "routed" if is_routed(model) else "fold"
+        chunk = experts_per_dequant(model) if is_routed(model) else None
+        levers["4-bit experts dequantized at once (train.experts_per_dequant)"] = str(chunk) if chunk else "all"
+        host = host_adapter_bytes(host_trainable(model)) if offload_expert_adapters else 0
+        levers["expert adapters (train.offload_expert_adapters)"] = (
+            f"host ({host / 2**30:.2f} GiB of host memory)" if host else "GPU")
     return levers
 
 

@@ -17,10 +17,16 @@ A 4-bit stack is dequantized again in the backward rather than kept from the for
 gradient with respect to the input needs the weight, not a copy held across the layer), which also
 helps experts without LoRA: an attention-only adapter still backpropagates through them.
 
+A 4-bit stack is also dequantized a chunk of experts at a time (`train.experts_per_dequant`),
+each chunk's grouped matmul on its own slice, so a layer's whole stack never exists in bf16 at
+once; and factors kept in host memory (tasks/core/expert_offload.py) are copied to the layer's
+device as it computes (`delta_factors`).
+
 `route_expert_lora(model)` switches every fused experts module of a model to this path
 (`train.expert_compute: routed`); the Qwen3-MoE experts layout (gated, no biases, weights
 `[experts, out, in]`) is what it supports, and anything else gets a clear error. Measured on an
-H200 (bench/results/gpu_qlora-h200-*.json): the flagship step's peak 22.14 GiB against 22.32 folded.
+H200 (bench/results/gpu_qlora-h200-*.json): the flagship step's peak 22.14 GiB against 22.32
+folded; with 32 experts dequantized at a time, 21.15.
 """
 
 from __future__ import annotations
@@ -37,17 +43,20 @@ if TYPE_CHECKING:
 # filled by each peft ParamWrapper around it for the span of its forward.
 FACTORS = "_stagewise_routed_lora"
 _PATCHED = "_stagewise_routed_forward"
+# On a routed experts module: how many experts of a 4-bit stack to dequantize at a time (None: all).
+DEQUANT_CHUNK = "_stagewise_experts_per_dequant"
 
 
 class RoutedLoraUnsupported(ValueError):
     """The experts module is not laid out the way routed LoRA computes it."""
 
 
-def route_expert_lora(model: nn.Module) -> int:
+def route_expert_lora(model: nn.Module, experts_per_dequant: int | None = None) -> int:
     """Every fused experts module of `model` computes on its routed tokens: LoRA (under a peft
     wrapper) as x·A·B, and a 4-bit weight dequantized again for the backward rather than kept
-    (experts without LoRA too: an attention-only adapter still backpropagates through them).
-    Returns how many modules it switched; idempotent."""
+    (experts without LoRA too: an attention-only adapter still backpropagates through them), at
+    most `experts_per_dequant` experts at a time (`train.experts_per_dequant`; None: the whole
+    stack). Returns how many modules it switched; idempotent (the chunk is set again)."""
     from peft.tuners.lora.layer import ParamWrapper
 
     from tasks.core.quantize import is_fused_experts
@@ -55,8 +64,11 @@ def route_expert_lora(model: nn.Module) -> int:
     _patch_param_wrapper(ParamWrapper)
     routed = 0
     for name, experts in model.named_modules():
-        if isinstance(experts, ParamWrapper) or not is_fused_experts(experts) or getattr(experts, FACTORS, None) is not None:
+        if isinstance(experts, ParamWrapper) or not is_fused_experts(experts):
             continue  # peft's wrappers hand their factors to the experts module they wrap
+        setattr(experts, DEQUANT_CHUNK, experts_per_dequant)
+        if getattr(experts, FACTORS, None) is not None:
+            continue
         _check_layout(name, experts)
         setattr(experts, FACTORS, {})
         experts.forward = MethodType(_routed_experts_forward, experts)
@@ -100,7 +112,7 @@ def _patch_param_wrapper(wrapper: type) -> None:
             return self.base_layer(x, *args, **kwargs)
         if len(adapters) > 1:
             raise NotImplementedError(f"routed expert LoRA runs one active adapter; {adapters} are active")
-        factors[self.parameter_name] = self.get_delta_factors(adapters[0])
+        factors[self.parameter_name] = delta_factors(self, adapters[0], x.device)
         try:
             return self.base_layer(x, *args, **kwargs)
         finally:
@@ -108,6 +120,27 @@ def _patch_param_wrapper(wrapper: type) -> None:
 
     wrapper.forward = forward
     setattr(wrapper, _PATCHED, True)
+
+
+def delta_factors(wrapper: nn.Module, adapter: str, device: torch.device) -> tuple:
+    """peft's `ParamWrapper.get_delta_factors`: (lhs [experts, out, r], rhs [experts, r, in], scale),
+    the update being scale·lhs·rhs, with the factors on `device`. Adapters kept on the host
+    (`train.offload_expert_adapters`, tasks/core/expert_offload.py) come over here as they are (fp32,
+    a differentiable copy whose gradient goes back to the host) and are cast to the stack's dtype on
+    arrival; peft's own would cast them on the host first. Elsewhere it is peft's, to the bit
+    (tests/test_expert_offload.py)."""
+    weight_a, weight_b = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
+    if weight_a.device != device:
+        weight_a, weight_b = weight_a.to(device, non_blocking=True), weight_b.to(device, non_blocking=True)
+    experts = wrapper.num_experts
+    weight_a = weight_a.reshape(experts, -1, weight_a.shape[-1])  # [experts, r, in]
+    weight_b = weight_b.reshape(weight_b.shape[0], -1, experts).permute(2, 0, 1)  # [experts, out, r]
+    if wrapper._did_swap_in_out_features:
+        lhs, rhs = weight_b, weight_a
+    else:  # a stack stored [experts, in, out]
+        lhs, rhs = weight_a.transpose(-2, -1), weight_b.transpose(-2, -1)
+    dtype = wrapper.get_param().dtype  # 4-bit stacks: a stand-in, nothing dequantized (peft_fixes)
+    return lhs.to(dtype), rhs.to(dtype), wrapper.scaling[adapter]
 
 
 def _routed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -175,17 +208,84 @@ def _dequantizing_grouped_linear():
         def forward(ctx, x, ends, experts, name):
             ctx.experts, ctx.name, ctx.x_dtype = experts, name, x.dtype
             ctx.save_for_backward(ends)
-            return grouped_linear(x, getattr(experts, name), ends)
+            return dequantized_grouped_linear(x, experts, name, ends)
 
         @staticmethod
         def backward(ctx, grad_out):
             (ends,) = ctx.saved_tensors
-            with torch.no_grad():
-                weight = getattr(ctx.experts, ctx.name)  # [experts, out, in]; gᵧ·Wₑ = gᵧ·((Wₑᵀ)ᵀ), a view, no copy
-                grad_x = grouped_linear(grad_out.contiguous(), weight.transpose(-2, -1), ends)
+            with torch.no_grad():  # gᵧ·Wₑ = gᵧ·((Wₑᵀ)ᵀ): the transpose is a view, no copy
+                grad_x = dequantized_grouped_linear(grad_out.contiguous(), ctx.experts, ctx.name, ends, transposed=True)
             return grad_x.to(ctx.x_dtype), None, None, None
 
     return DequantizingGroupedLinear
+
+
+def dequantized_grouped_linear(x: torch.Tensor, experts: nn.Module, name: str, ends: torch.Tensor,
+                               transposed: bool = False) -> torch.Tensor:
+    """`grouped_linear` with a 4-bit stack dequantized a chunk of experts at a time
+    (`DEQUANT_CHUNK`): a chunk's rows of x are contiguous (rows are sorted by expert), so each
+    chunk is one grouped matmul on its own dequantized slice, and the outputs concatenate in order.
+    A stack bitsandbytes' slicing does not fit (see `dequantize_experts`) is dequantized whole."""
+    import torch
+
+    chunk = getattr(experts, DEQUANT_CHUNK, None)
+    count = ends.shape[0]
+    if not chunk or chunk >= count or not _sliceable(experts, name):
+        weight = getattr(experts, name)
+        return grouped_linear(x, weight.transpose(-2, -1) if transposed else weight, ends)
+    starts = torch.cat([ends.new_zeros(1), ends])
+    bounds = starts[::chunk].tolist() + ([] if count % chunk == 0 else [int(ends[-1])])
+    scales = stack_scales(experts, name)
+    state = experts.parametrizations[name][0].quant_state
+    width = state.shape[2] if transposed else state.shape[1]
+    parts = []
+    for index, first in enumerate(range(0, count, chunk)):
+        last = min(first + chunk, count)
+        rows = x[bounds[index]:bounds[index + 1]]
+        if not rows.shape[0]:  # no token routed to these experts: nothing to dequantize
+            parts.append(x.new_zeros(0, width))
+            continue
+        weight = dequantize_experts(experts, name, first, last, scales)
+        parts.append(grouped_linear(rows, weight.transpose(-2, -1) if transposed else weight,
+                                    ends[first:last] - bounds[index]))
+    return torch.cat(parts)
+
+
+def _sliceable(experts: nn.Module, name: str) -> bool:
+    """One bitsandbytes 4-bit parametrization whose rows are whole quantization blocks: then no block
+    straddles two experts, and the CUDA kernel's flat block order and the CPU kernel's row-wise one
+    agree (with shorter rows they differ on a CPU). Qwen3-30B-A3B's stacks (rows of 2048 and 768
+    values, blocks of 64) are; a stack that is not is dequantized whole."""
+    plist = experts.parametrizations[name]
+    state = getattr(plist[0], "quant_state", None) if len(plist) == 1 else None
+    return state is not None and len(state.shape) == 3 and state.shape[-1] % state.blocksize == 0
+
+
+def stack_scales(experts: nn.Module, name: str) -> torch.Tensor:
+    """A 4-bit stack's block scales (absmax) in fp32; under double quantization, dequantized from
+    their own 8-bit form (1/64 of the stack's values: 24 MiB for a Qwen3-30B-A3B gate_up stack)."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    state = experts.parametrizations[name][0].quant_state
+    if state.nested:
+        return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    return state.absmax.float()
+
+
+def dequantize_experts(experts: nn.Module, name: str, first: int, last: int, scales: torch.Tensor) -> torch.Tensor:
+    """Experts [first, last) of a 4-bit fused stack in its compute dtype, the rest left packed:
+    the packed bytes and block scales (`stack_scales`) of those experts only, through bitsandbytes'
+    own kernel. Bit for bit the matching slice of the whole stack's dequantization (tests/test_routed_lora.py)."""
+    import torch
+
+    plist = experts.parametrizations[name]
+    state, packed = plist[0].quant_state, plist.original
+    per_expert = state.shape[1] * state.shape[2]
+    blocks = slice(first * per_expert // state.blocksize, last * per_expert // state.blocksize)
+    data = packed.reshape(-1)[first * per_expert // 2:last * per_expert // 2].reshape(-1, 1)
+    shape = torch.Size((last - first, *state.shape[1:]))
+    return torch.ops.bitsandbytes.dequantize_4bit.default(data, scales[blocks].contiguous(), state.blocksize,
+                                                          state.quant_type, shape, state.dtype)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
