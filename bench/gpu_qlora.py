@@ -15,10 +15,14 @@ layout is the production one (`tasks.core.modeling.load_base_model(info, "nf4")`
 `Linear4bit` (NF4, double quantization), fused experts NF4 through `quantize_fused_experts`,
 embeddings / LM head / norms / router in bf16. LoRA comes from `params.yaml` `train.lora` (r 16,
 alpha 32, attention q/k/v/o and both expert stacks) through `tasks.core.adapters.new_adapter`, the
-experts computing as `train.expert_compute` says (`--expert-compute`); the expert rank is
-`train.lora.expert_r` unless `--expert-rank` says otherwise (0: no expert adapters). Training:
-batch 1 x 2048 random tokens, non-reentrant gradient checkpointing, bf16 autocast, the loss chunked
-as `train.loss_chunk_tokens` says, bitsandbytes `PagedAdamW8bit`; warmup steps are not timed.
+experts computing as `train.expert_compute` says (`--expert-compute`), 4-bit stacks dequantized
+`train.experts_per_dequant` experts at a time (`--experts-per-dequant`); the expert rank is
+`train.lora.expert_r` unless `--expert-rank` says otherwise (0: no expert adapters). The expert
+adapters live in host memory when `train.offload_expert_adapters` resolves so for an nf4 stage on a
+GPU (`--[no-]offload-expert-adapters`). Training: batch 1 x 2048 random tokens, non-reentrant
+gradient checkpointing, bf16 autocast, the loss chunked as `train.loss_chunk_tokens` says, and the
+optimizer `train.optimizer` resolves to (`--optimizer`; auto: bitsandbytes `PagedAdamW8bit`, or
+torch's fused AdamW with offloaded expert adapters); warmup steps are not timed.
 
 The estimate the report sets beside the measured peak is the project's own memory model
 (`tasks.core.preflight.memory_terms`, which `tasks.plan` and the training preflight print), not a
@@ -83,6 +87,9 @@ class BenchSettings:
     loss_chunk_tokens: int | None = None  # params.yaml train.loss_chunk_tokens (tasks/core/lm_loss.py)
     expert_compute: str = "routed"  # params.yaml train.expert_compute (tasks/core/routed_lora.py)
     upcast_frozen: bool = False  # params.yaml train.upcast_frozen (tasks/core/adapters.py::prepare_quantized)
+    offload_expert_adapters: bool = False  # params.yaml train.offload_expert_adapters (tasks/core/expert_offload.py)
+    experts_per_dequant: int | None = None  # params.yaml train.experts_per_dequant (tasks/core/routed_lora.py)
+    optimizer: str = "auto"  # params.yaml train.optimizer, resolved as train resolves it (optimizer_name)
     learning_rate: float = 2e-4
     seed: int = 0
 
@@ -247,11 +254,14 @@ def build_for(settings: BenchSettings) -> PreTrainedModel:
 def adapt(model: PreTrainedModel, settings: BenchSettings, lora: LoraConfig) -> nn.Module:
     """Checkpointing on, LoRA attached, training mode: the model the timed steps train."""
     from tasks.core.adapters import prepare_quantized, with_expert_compute
+    from tasks.core.expert_offload import offload_expert_adapters
 
     model = prepare_quantized(model, settings.upcast_frozen)  # as train does under nf4
     enable_checkpointing(model)
     model = attach_lora(model, lora, settings.attention_rank, settings.expert_rank)
-    model = with_expert_compute(model, settings.expert_compute)
+    model = with_expert_compute(model, settings.expert_compute, settings.experts_per_dequant)
+    if settings.offload_expert_adapters:
+        offload_expert_adapters(model)  # as run_trainer does once the Trainer has placed the model
     model.train()
     return model
 
@@ -284,16 +294,22 @@ def check_lora_counts(report: Any, config: Qwen3MoeConfig, settings: BenchSettin
 
 
 def optimizer_name(settings: BenchSettings) -> str:
-    """What make_optimizer builds, as transformers names it (the memory model's key)."""
-    return "paged_adamw_8bit" if settings.device == "cuda" else "adamw_torch"
+    """What make_optimizer builds, as transformers names it (the memory model's key): what
+    train.optimizer: auto resolves to (tasks/core/trainer.py::resolve_optimizer)."""
+    from tasks.core.trainer import resolve_optimizer
+
+    return resolve_optimizer(settings.optimizer, settings.device == "cuda", settings.offload_expert_adapters)
 
 
 def make_optimizer(model: nn.Module, settings: BenchSettings) -> torch.optim.Optimizer:
-    """Paged 8-bit AdamW on the GPU (what train.optimizer: auto picks there), torch AdamW on a CPU."""
+    """Paged 8-bit AdamW on the GPU (what train.optimizer: auto picks there), torch AdamW on a CPU
+    or with expert adapters in host memory (it steps both devices' parameters)."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if settings.device == "cuda":
+    if optimizer_name(settings) == "adamw_torch_fused":
+        return torch.optim.AdamW(params, lr=settings.learning_rate, fused=True)
+    if optimizer_name(settings) == "paged_adamw_8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(params, lr=settings.learning_rate)
@@ -419,7 +435,8 @@ def flagship_estimate(config: Qwen3MoeConfig, lora: LoraConfig, settings: BenchS
 
     shape = Shape(settings.batch_size, settings.seq_len, "nf4", settings.loss_chunk_tokens, True,
                   bench_lora_config(lora, settings.attention_rank, settings.expert_rank), optimizer_name(settings),
-                  settings.expert_compute, settings.upcast_frozen)
+                  settings.expert_compute, settings.upcast_frozen, settings.offload_expert_adapters,
+                  experts_per_dequant=settings.experts_per_dequant)
     terms = stage_memory(meta_model(config), shape, dtype_bytes=2 if settings.dtype_name == "bf16" else 4)
     return {"terms_gib": {k: round(v / GIB, 3) for k, v in terms.items()}, "total_gib": round(sum(terms.values()) / GIB, 3)}
 
@@ -439,7 +456,7 @@ def count_by(report_part: dict[str, int]) -> dict[str, Any]:
 
 def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module, dict[str, Any]]:
     """Build (measuring its peak), preflight, train (measuring its peak and speed); the trained model and the result."""
-    from tasks.core.preflight import run_preflight
+    from tasks.core.preflight import host_adapter_bytes, host_trainable, run_preflight
 
     reset_peak(settings.device)
     model = build_for(settings)
@@ -448,7 +465,8 @@ def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module,
     resident_with_lora = allocated_gib(settings.device)
     report = run_preflight(model, "nf4", expects_experts=bool(settings.expert_rank), batch_size=settings.batch_size,
                            seq_len=settings.seq_len, loss_chunk_tokens=settings.loss_chunk_tokens,
-                           gradient_checkpointing=True, optimizer=optimizer_name(settings))
+                           gradient_checkpointing=True, optimizer=optimizer_name(settings),
+                           offload_expert_adapters=settings.offload_expert_adapters)
     check_preflight(report, settings)
     check_lora_counts(report, model.config, settings)
     reset_peak(settings.device)
@@ -466,7 +484,9 @@ def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module,
         "attention_rank": settings.attention_rank,
         "expert_rank": settings.expert_rank,
         "gradient_checkpointing": "non-reentrant",
-        "optimizer": "PagedAdamW8bit" if settings.device == "cuda" else "AdamW",
+        "optimizer": optimizer_name(settings),
+        "offload_expert_adapters": settings.offload_expert_adapters,
+        "host_adapter_gib": host_adapter_bytes(host_trainable(model)) / GIB if settings.offload_expert_adapters else 0.0,
         "experts_implementation": getattr(config, "_experts_implementation", None),
         "attention_implementation": getattr(config, "_attn_implementation", None),
         "trainable_parameters": count_by(report.trainable_by_part),
@@ -487,6 +507,7 @@ def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module,
         "expected_lora_parameters": lora_parameter_count(config, settings.attention_rank, settings.expert_rank),
         "loss_chunk_tokens": settings.loss_chunk_tokens,
         "expert_compute": settings.expert_compute,
+        "experts_per_dequant": settings.experts_per_dequant,
         "upcast_frozen": settings.upcast_frozen,
         "estimate": estimate_against(report.estimated_terms, train_peak),
         "versions": versions(),
@@ -508,7 +529,8 @@ def summary(result: dict[str, Any]) -> str:
         (f"{result['config']} on {result['device']}: batch {result['batch_size']} x {result['seq_len']}, "
          f"{result['warmup_steps']} warmup + {result['steps']} timed steps, "
          f"LoRA r {result['attention_rank']} attention / r {result['expert_rank']} experts ({result['expert_compute']}), "
-         f"loss chunk {result['loss_chunk_tokens'] or 'none (full logits)'}"),
+         f"loss chunk {result['loss_chunk_tokens'] or 'none (full logits)'}, "
+         f"expert adapters on the {'host' if result.get('offload_expert_adapters') else 'GPU'}"),
         f"  trainable {trainable['total']:,} ({parts}); 4-bit {result['four_bit_parameters']['total']:,}",
         (f"  peak build {gib(result['peak_build_gib'])}, peak train {gib(result['peak_train_gib'])} allocated, "
          f"{gib(result['peak_train_reserved_gib'])} reserved "
@@ -553,6 +575,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="default: params.yaml train.expert_compute")
     parser.add_argument("--upcast-frozen", action=argparse.BooleanOptionalAction, default=None,
                         help="frozen bf16 weights to fp32 as peft does (default: params.yaml train.upcast_frozen)")
+    parser.add_argument("--offload-expert-adapters", action=argparse.BooleanOptionalAction, default=None,
+                        help="expert LoRA factors, gradients and Adam moments in host memory "
+                             "(default: what params.yaml train.offload_expert_adapters resolves to on a GPU under nf4)")
+    parser.add_argument("--optimizer", choices=["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"], default=None,
+                        help="default: params.yaml train.optimizer (auto: paged 8-bit AdamW, fused AdamW when offloading)")
+    parser.add_argument("--experts-per-dequant", type=int, default=None,
+                        help="4-bit experts dequantized at a time (default: params.yaml train.experts_per_dequant; 0: all)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
                         help="default: params.yaml train.loss_chunk_tokens; 0: full logits (the model's own loss)")
     parser.add_argument("--params", type=Path, default=PROJECT / "params.yaml")
@@ -580,7 +609,21 @@ def settings_from(args: argparse.Namespace, train: TrainConfig, device: str) -> 
         attention_rank=args.attention_rank or lora.r, expert_rank=expert_rank(args, lora),
         loss_chunk_tokens=loss_chunk(args, train), expert_compute=args.expert_compute or train.expert_compute,
         upcast_frozen=train.upcast_frozen if args.upcast_frozen is None else args.upcast_frozen,
+        offload_expert_adapters=offload(args, train, device),
+        experts_per_dequant=(train.experts_per_dequant if args.experts_per_dequant is None else args.experts_per_dequant) or None,
+        optimizer=args.optimizer or train.optimizer,
     )
+
+
+def offload(args: argparse.Namespace, train: TrainConfig, device: str) -> bool:
+    """--offload-expert-adapters, else what train resolves params.yaml's setting to for an nf4 stage
+    on this device (the benchmark is QLoRA); never on a CPU, where nothing would move."""
+    from tasks.core.expert_offload import resolve_expert_offload
+
+    if args.offload_expert_adapters is not None:
+        return args.offload_expert_adapters and device == "cuda"
+    nf4 = train.model_copy(update={"quantization": "nf4", "expert_compute": args.expert_compute or train.expert_compute})
+    return resolve_expert_offload(nf4, train.lora, device == "cuda") and (expert_rank(args, train.lora) > 0)
 
 
 def expert_rank(args: argparse.Namespace, lora: LoraConfig) -> int:
@@ -600,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         settings, config = settings_from(args, train, "cuda"), CONFIGS[args.config]()
         estimate = {"attention_rank": settings.attention_rank, "expert_rank": settings.expert_rank,
                     "loss_chunk_tokens": settings.loss_chunk_tokens, "expert_compute": settings.expert_compute,
+                    "offload_expert_adapters": settings.offload_expert_adapters,
+                    "experts_per_dequant": settings.experts_per_dequant,
                     "lora_parameters": lora_parameter_count(config, settings.attention_rank, settings.expert_rank),
                     **flagship_estimate(config, lora, settings)}
         print(json.dumps(estimate, indent=2))

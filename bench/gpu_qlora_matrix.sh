@@ -27,12 +27,16 @@ run() {  # name, then bench/gpu_qlora.py's flags
     echo "== $name: rc ${PIPESTATUS[0]}, $((SECONDS - started)) s" | tee -a "$log"
 }
 
-run defaults                                                        # params.yaml: routed experts, 1024-token loss chunks, r 16
-run old-defaults --expert-compute fold --loss-chunk-tokens 0        # before issue 15: peft's fold, full logits, r 16
-run fold --expert-compute fold                                      # the routed lever alone: fold at the new chunk
-run lever-18gib --loss-chunk-tokens 128 --expert-rank 2             # what `tasks.plan` names for an 18 GiB limit
+run defaults                                                        # params.yaml: routed experts, adapters in host memory, 32 experts dequantized at a time, r 16
+run no-offload --no-offload-expert-adapters                         # the same with the expert adapters on the GPU
+run offload-unfused --optimizer adamw_torch                         # host adapters stepped by torch's unfused AdamW
+run whole-dequant --experts-per-dequant 0                           # 4-bit expert stacks dequantized whole
+run offload-chunk1024 --offload-expert-adapters --loss-chunk-tokens 1024  # host adapters, larger loss chunks
+run old-defaults --expert-compute fold --loss-chunk-tokens 0 --no-offload-expert-adapters  # before issue 15: peft's fold, full logits, r 16
+run fold --expert-compute fold --no-offload-expert-adapters         # the routed lever alone: fold at the new chunk
+run lever-18gib --loss-chunk-tokens 128 --expert-rank 2 --no-offload-expert-adapters  # a smaller expert rank instead
 run attention-only --expert-rank 0 --loss-chunk-tokens 256          # no expert adapters
-run expert-r1 --loss-chunk-tokens 128 --expert-rank 1              # the least expert LoRA
+run expert-r1 --loss-chunk-tokens 128 --expert-rank 1 --no-offload-expert-adapters  # the least expert LoRA
 run long-16k --seq-len 16384                                        # the defaults on a long reasoning sequence
 run long-32k --seq-len 32768 --steps 1                              # and twice that
 run upcast --upcast-frozen                                          # the defaults with peft's fp32 frozen weights
