@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
     from tasks.core.config import LoraConfig, TrainConfig
 
-GOAL_PEAK_GIB = 18.0  # issue 15: the flagship QLoRA step in 18 GiB
+GOAL_PEAK_GB = 18.0  # issue 15: the flagship QLoRA step in 18 GB (decimal: 16.76 GiB), as Unsloth's 17.5 GB is counted
 DEFAULT_OUT = PROJECT / "bench" / "results" / "gpu_qlora.json"
 GIB = 2**30
 GPU_NEEDED = (
@@ -502,8 +502,8 @@ def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module,
         "losses": trained["losses"],
         "loss_first": trained["losses"][0],
         "loss_last": trained["losses"][-1],
-        "goal": {"peak_train_gib_at_most": GOAL_PEAK_GIB,
-                 "met": None if train_peak is None else train_peak <= GOAL_PEAK_GIB},
+        "goal": {"peak_train_gb_at_most": GOAL_PEAK_GB,
+                 "met": None if train_peak is None else train_peak * GIB <= GOAL_PEAK_GB * 1e9},
         "expected_lora_parameters": lora_parameter_count(config, settings.attention_rank, settings.expert_rank),
         "loss_chunk_tokens": settings.loss_chunk_tokens,
         "expert_compute": settings.expert_compute,
@@ -534,7 +534,8 @@ def summary(result: dict[str, Any]) -> str:
         f"  trainable {trainable['total']:,} ({parts}); 4-bit {result['four_bit_parameters']['total']:,}",
         (f"  peak build {gib(result['peak_build_gib'])}, peak train {gib(result['peak_train_gib'])} allocated, "
          f"{gib(result['peak_train_reserved_gib'])} reserved "
-         f"(goal <= {GOAL_PEAK_GIB:g} GiB: {goal}); optimizer state {result['optimizer_state_gib']:.3f} GiB"),
+         f"(goal <= {GOAL_PEAK_GB:g} GB = {GOAL_PEAK_GB * 1e9 / GIB:.2f} GiB: {goal}); "
+         f"optimizer state {result['optimizer_state_gib']:.3f} GiB"),
         (f"  memory model (tasks.core.preflight): {result['estimate']['gib']:.2f} GiB, "
          f"{result['estimate']['allocator_gib']:.2f} GiB without the paged optimizer's moments"
          + ("" if result["estimate"]["error"] is None else f": {result['estimate']['error']:+.1%} of the measured peak")),

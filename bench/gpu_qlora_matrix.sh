@@ -27,7 +27,7 @@ run() {  # name, then bench/gpu_qlora.py's flags
     echo "== $name: rc ${PIPESTATUS[0]}, $((SECONDS - started)) s" | tee -a "$log"
 }
 
-run defaults                                                        # params.yaml: routed experts, adapters in host memory, 32 experts dequantized at a time, r 16
+run defaults                                                        # params.yaml: routed experts, adapters in host memory, chunked dequant and loss, r 16
 run no-offload --no-offload-expert-adapters                         # the same with the expert adapters on the GPU
 run offload-unfused --optimizer adamw_torch                         # host adapters stepped by torch's unfused AdamW
 run whole-dequant --experts-per-dequant 0                           # 4-bit expert stacks dequantized whole

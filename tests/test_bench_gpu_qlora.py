@@ -109,7 +109,7 @@ class TestRun:
         factors = expert_lora_b(model)
         assert factors and all(torch.count_nonzero(b) > 0 for b in factors.values()), dtype
         assert result["tokens_per_second"] > 0 and result["peak_train_gib"] is None  # no GPU: not measured
-        assert result["goal"] == {"peak_train_gib_at_most": 18.0, "met": None}
+        assert result["goal"] == {"peak_train_gb_at_most": 18.0, "met": None}
         assert result["expert_compute"] == "routed" and result["estimate"]["error"] is None
         assert result["estimate"]["gib"] == pytest.approx(sum(result["estimate"]["terms_gib"].values()), abs=0.01)
 
@@ -164,7 +164,8 @@ class TestFlagship:
         shape = Shape(1, 2048, "nf4", train.loss_chunk_tokens, True, train.lora, "adamw_torch", train.expert_compute,
                       offload_expert_adapters=True, experts_per_dequant=train.experts_per_dequant)
         terms = stage_memory(meta_model(flagship_config()), shape, dtype_bytes=2)
-        assert estimate["total_gib"] == pytest.approx(sum(terms.values()) / 2**30, abs=1e-3) and estimate["total_gib"] <= 18
+        assert estimate["total_gib"] == pytest.approx(sum(terms.values()) / 2**30, abs=1e-3)
+        assert estimate["total_gib"] * 2**30 <= 18e9  # issue 15's 18 GB
         assert main(["--estimate", "--no-offload-expert-adapters"]) == 0  # on the GPU: the paged 8-bit optimizer
         on_gpu = json.loads(capsys.readouterr().out)
         on_gpu_terms = stage_memory(meta_model(flagship_config()), replace(

@@ -96,9 +96,9 @@ def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
 
 
 @needs_flagship
-def test_the_flagship_defaults_fit_18_gib(flagship):
-    """Issue 15's goal, on params.yaml's own defaults as an nf4 stage on a GPU resolves them: r 16 on
-    attention and experts, batch 1 x 2048, gradient checkpointing."""
+def test_the_flagship_defaults_fit_18_gb(flagship):
+    """Issue 15's goal (18 GB, 16.76 GiB), on params.yaml's own defaults as an nf4 stage on a GPU
+    resolves them: r 16 on attention and experts, batch 1 x 2048, gradient checkpointing."""
     from tasks.core.config import load_params
     from tasks.core.expert_offload import resolve_expert_offload
     from tasks.core.trainer import resolve_optimizer
@@ -109,11 +109,11 @@ def test_the_flagship_defaults_fit_18_gib(flagship):
     shape = Shape(1, 2048, "nf4", train.loss_chunk_tokens, True, train.lora, resolve_optimizer(train.optimizer, True, offload),
                   train.expert_compute, train.upcast_frozen, offload, True, train.experts_per_dequant)
     terms = stage_memory(flagship, shape, dtype_bytes=2)
-    assert sum(terms.values()) <= 18 * GIB
+    assert sum(terms.values()) <= 18e9
     assert terms["adapter"] == terms["optimizer"] == 13_369_344 * 8  # attention's LoRA only: experts' on the host
     assert terms["adapter_in_flight"] == 629_145_600 // 48 * (4 + 4 + 2)  # one layer's expert factors
-    assert terms["expert_dequant"] == 128 * 3 * 2048 * 768 * 2 * 2 // 3 * 32 // 128  # 32 of 128 experts at once
-    assert terms["logits"] == 256 * 151_936 * 8
+    assert terms["expert_dequant"] == 128 * 3 * 2048 * 768 * 2 * 2 // 3 * 16 // 128  # 16 of 128 experts at once
+    assert terms["logits"] == 128 * 151_936 * 8
 
 
 def test_plan_on_a_fresh_workspace_runs_everything_and_estimates_tokens(tmp_path, monkeypatch):
@@ -151,7 +151,7 @@ def test_a_stage_that_cannot_fit_exits_1_naming_it_and_a_lever(tmp_path, flagshi
     done = plan_in(ws.root, "--device", "gpu")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     lever = "train.offload_expert_adapters: on"
-    assert f"train@embedding: estimated peak 22.52 GiB > 18.00 GiB; try {lever}" in done.stderr
+    assert f"train@embedding: estimated peak 22.28 GiB > 18.00 GiB; try {lever}" in done.stderr
     assert f"does not fit: try {lever}" in done.stdout
     assert "weights 15.5" in done.stdout or "weights 15.6" in done.stdout  # GiB: NF4 experts and attention, bf16 rest
     # the plan reads train.expert_compute and train.upcast_frozen from params.yaml

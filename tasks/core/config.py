@@ -332,7 +332,7 @@ class TrainConfig(Strict):
     # backward pass (tasks/core/lm_loss.py): [tokens, vocab] logits never exist at once (Qwen3's
     # 151,936-wide head: ~1.2 GB of fp32 logits per 2k tokens). Same results, so not a DVC param;
     # None: the model's own loss on full logits. Liger's fused loss replaces it when Liger is on.
-    loss_chunk_tokens: PositiveInt | None = 256
+    loss_chunk_tokens: PositiveInt | None = 128
     # How fused MoE experts compute under LoRA (tasks/core/routed_lora.py). routed: LoRA as x·A·B on
     # each expert's routed tokens, 4-bit experts dequantized again for the backward; fold: peft's
     # way, LoRA folded into a copy of every expert's weight (+~2.3 GiB per step for Qwen3-30B-A3B).
@@ -346,9 +346,9 @@ class TrainConfig(Strict):
     # results differ: a DVC param of the training stages. Nothing moves on a CPU.
     offload_expert_adapters: Literal["auto", "on", "off"] = "auto"
     # Routed 4-bit experts are dequantized this many at a time, each chunk's matmul on its own slice,
-    # so a layer's whole stack never exists in bf16 (Qwen3-30B-A3B: 0.75 GiB a stack, 0.19 at 32 of
+    # so a layer's whole stack never exists in bf16 (Qwen3-30B-A3B: 0.75 GiB a stack, 0.09 at 16 of
     # its 128). Same results (tests/test_routed_lora.py), so not a DVC param; None: the whole stack.
-    experts_per_dequant: PositiveInt | None = 32
+    experts_per_dequant: PositiveInt | None = 16
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Memory the preflight check compares its estimate with; None: the device's free memory.
     memory_limit_gb: PositiveFloat | None = None
