@@ -52,6 +52,7 @@ class Shape:
     offload_expert_adapters: bool = False  # resolved (tasks/core/expert_offload.py::resolve_expert_offload)
     on_gpu: bool = True  # offloading moves something only from a GPU
     experts_per_dequant: int | None = None  # train.experts_per_dequant
+    adapter_dtype: str = "fp32"  # train.adapter_dtype
 
 
 @dataclass
@@ -222,7 +223,8 @@ def stage_memory(model: nn.Module, shape: Shape, dtype_bytes: int) -> dict[str, 
     return memory_terms(model.config, weights, lora_parameters(model, shape.lora),
                         shape.batch_size * shape.seq_len, shape.loss_chunk_tokens, shape.gradient_checkpointing,
                         shape.optimizer, dtype_bytes, shape.lora.target_parameters, shape.quantization == "nf4",
-                        shape.expert_compute == "routed", host_trainable, shape.experts_per_dequant)
+                        shape.expert_compute == "routed", host_trainable, shape.experts_per_dequant,
+                        adapter_bytes=2 if shape.adapter_dtype == "bf16" else 4)
 
 
 def _halvings(value: int) -> list[int]:
@@ -271,10 +273,20 @@ def _offload(s: Shape) -> list[tuple[str, Shape]]:
              replace(s, offload_expert_adapters=True, expert_compute="routed", optimizer="adamw_torch"))]
 
 
+def _bf16_adapters(s: Shape) -> list[tuple[str, Shape]]:
+    """Adapter weights and gradients in bf16, the optimizer's math in fp32 (bitsandbytes' 8-bit AdamW);
+    not with offloaded expert adapters (they step with torch's AdamW)."""
+    if s.adapter_dtype == "bf16" or s.offload_expert_adapters:
+        return []
+    optimizer = "paged_adamw_8bit" if s.on_gpu else "adamw_8bit"
+    return [("train.adapter_dtype: bf16", replace(s, adapter_dtype="bf16", optimizer=optimizer))]
+
+
 # Changes that lower a step's memory, cheapest in quality first; each gives its candidates, mildest
 # first. The first four change no result; frozen weights left in bf16 change them by rounding;
-# expert adapters in host memory trade speed (and step them with fp32 AdamW); the rest trade
-# quality (4-bit weights, a smaller expert rank, no expert adapters) or the size of a step (batch).
+# expert adapters in host memory trade speed (and step them with fp32 AdamW); bf16 adapters round
+# their updates; the rest trade quality (4-bit weights, a smaller expert rank, no expert adapters)
+# or the size of a step (batch).
 LEVERS: tuple[Callable[[Shape], list[tuple[str, Shape]]], ...] = (
     lambda s: [(f"train.loss_chunk_tokens: {c}", replace(s, loss_chunk_tokens=c)) for c in _smaller_chunks(s.loss_chunk_tokens)],
     lambda s: [] if s.gradient_checkpointing else [("train.gradient_checkpointing: true", replace(s, gradient_checkpointing=True))],
@@ -282,6 +294,7 @@ LEVERS: tuple[Callable[[Shape], list[tuple[str, Shape]]], ...] = (
     lambda s: [] if s.expert_compute == "routed" else [("train.expert_compute: routed", replace(s, expert_compute="routed"))],
     lambda s: [("train.upcast_frozen: false", replace(s, upcast_frozen=False))] if s.upcast_frozen and s.quantization == "nf4" else [],
     _offload,
+    _bf16_adapters,
     lambda s: [("train.quantization: nf4", replace(s, quantization="nf4"))] if s.quantization == "none" else [],
     _expert_ranks,
     _no_expert_adapters,
@@ -374,8 +387,9 @@ def make_plan(params: Params, root: Path = Path("."), tokens_per_second: float |
         rows, per_row, measured = _tokens_per_row(stage, report, packed, params.prepare.max_length)
         offload = resolve_expert_offload(train, job.lora, on_gpu)
         shape = Shape(spec.batch_size, seq_len, train.quantization, train.loss_chunk_tokens, train.gradient_checkpointing,
-                      job.lora, resolve_optimizer(train.optimizer, on_gpu, offload), train.expert_compute,
-                      train.upcast_frozen, offload, on_gpu, train.experts_per_dequant)
+                      job.lora, resolve_optimizer(train.optimizer, on_gpu, offload, train.adapter_dtype),
+                      train.expert_compute, train.upcast_frozen, offload, on_gpu, train.experts_per_dequant,
+                      train.adapter_dtype)
         plan = TrainPlan(stage, rows, per_row, measured, spec.max_steps,
                          int(spec.max_steps * spec.batch_size * spec.gradient_accumulation_steps * per_row * processes),
                          stage_memory(model, shape, dtype_bytes), limit_bytes,

@@ -113,7 +113,7 @@ def stage_schedule(job: TrainJob, on_gpu: bool) -> Schedule:
         save_steps=job.train.checkpoint_every,
         packed=job.train.packing,
         gradient_checkpointing=job.train.gradient_checkpointing,
-        optimizer=resolve_optimizer(job.train.optimizer, on_gpu, offload),
+        optimizer=resolve_optimizer(job.train.optimizer, on_gpu, offload, job.train.adapter_dtype),
         liger_kernels=resolve_liger(job.train.liger_kernels, on_gpu),
         loss_chunk_tokens=job.train.loss_chunk_tokens,
     )
@@ -173,7 +173,7 @@ def preflight_stage(model, job: TrainJob) -> None:
         memory_limit_bytes=int(limit * 2**30) if limit else None,
         loss_chunk_tokens=job.train.loss_chunk_tokens,
         gradient_checkpointing=job.train.gradient_checkpointing,
-        optimizer=resolve_optimizer(job.train.optimizer, on_gpu, offload),
+        optimizer=resolve_optimizer(job.train.optimizer, on_gpu, offload, job.train.adapter_dtype),
         offload_expert_adapters=offload,
     )
     if is_main_process():

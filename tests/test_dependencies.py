@@ -61,6 +61,7 @@ PARAM_CHANGES: dict[str, tuple[Any, set[str]]] = {
     "train.quantization": ("nf4", TRAIN_STAGES | {"evaluate", "register"}),
     "train.upcast_frozen": (True, TRAIN_STAGES | {"register"}),  # bf16 vs fp32 frozen weights under nf4 on a GPU
     "train.offload_expert_adapters": ("off", TRAIN_STAGES | {"register"}),  # optimizer differs on a GPU
+    "train.adapter_dtype": ("bf16", TRAIN_STAGES | {"register"}),  # updates rounded to bf16
     "train.lora.r": (4, TRAIN_STAGES | {"register"}),
     "train.gradient_checkpointing": (True, {"register"}),  # same results by design: nothing re-trains
     "train.loss_chunk_tokens": (None, {"register"}),  # same results by design (tests/test_lm_loss.py)

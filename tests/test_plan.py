@@ -77,7 +77,14 @@ def test_flagship_memory_terms_and_the_cheapest_lever(flagship):
     # expert adapters in host memory (-4.7 GiB of adapter, -1.2 of paged moments): before any trade in quality
     assert cheapest_lever(flagship, shape, 2, limit=peak - 2 * GIB) == "train.offload_expert_adapters: on"
     on_the_gpu_only = replace(shape, on_gpu=False)  # nothing moves on a CPU: the lever is not offered
-    assert cheapest_lever(flagship, on_the_gpu_only, 2, limit=peak - 2 * GIB) == "train.lora.expert_r: 8"
+    # next: bf16 adapter weights and gradients (8-bit AdamW keeps the math in fp32): -2.4 GiB
+    assert cheapest_lever(flagship, on_the_gpu_only, 2, limit=peak - 2 * GIB) == "train.adapter_dtype: bf16"
+    bf16 = stage_memory(flagship, replace(shape, adapter_dtype="bf16"), dtype_bytes=2)
+    assert bf16["adapter"] == (13_369_344 + 629_145_600) * (2 + 2)
+    # with it already, what is left is quality: a smaller expert rank
+    bf16_cpu = replace(on_the_gpu_only, adapter_dtype="bf16", optimizer="adamw_8bit")
+    bf16_peak = sum(stage_memory(flagship, bf16_cpu, 2).values())
+    assert cheapest_lever(flagship, bf16_cpu, 2, limit=bf16_peak - 2 * GIB) == "train.lora.expert_r: 4"
     full_logits = Shape(1, 2048, "nf4", None, True, lora, "paged_adamw_8bit")
     extra = sum(stage_memory(flagship, full_logits, 2).values()) - peak
     assert cheapest_lever(flagship, full_logits, 2, limit=peak + extra // 2) == "train.loss_chunk_tokens: 1024"

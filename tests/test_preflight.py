@@ -212,7 +212,9 @@ def test_routed_experts_hold_no_fold_and_under_nf4_one_dequantized_stack(base):
     report = run_preflight(quantized, "nf4", expects_experts=True, batch_size=4, seq_len=64, loss_chunk_tokens=16,
                            gradient_checkpointing=True)
     assert ("levers: loss chunks (train.loss_chunk_tokens) 16 tokens, gradient checkpointing on, optimizer adamw_torch, "
-            "experts (train.expert_compute) routed") in report.summary()
+            "adapter weights (train.adapter_dtype) float32, experts (train.expert_compute) routed, 4-bit experts "
+            "dequantized at once (train.experts_per_dequant) all, expert adapters (train.offload_expert_adapters) GPU"
+            ) in report.summary()
     down_only = with_lora(load_base_model(base, "nf4"), target_parameters=["mlp.experts.down_proj"])
     terms = estimate_terms(down_only, 4, 64, gradient_checkpointing=True)
     assert terms["expert_fold"] == layer // 3 * 2 and terms["expert_dequant"] == layer - layer // 3

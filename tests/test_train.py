@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -139,6 +140,23 @@ def test_a_stage_trains_the_same_steps_with_the_chunked_loss(in_project, monkeyp
     assert len(full) >= 2
     assert [row["loss"] for row in chunked] == pytest.approx([row["loss"] for row in full], abs=1e-4)
     assert train_step.run_key("embedding", with_chunk(16)) == train_step.run_key("embedding", with_chunk(None))
+
+
+def test_a_stage_trains_bf16_adapters_with_8bit_adamw(in_project):
+    """train.adapter_dtype: bf16 through the Trainer: optimizer auto becomes bitsandbytes' 8-bit
+    AdamW (fp32 math), the adapter trains and is saved in bf16, and the next stage loads it back
+    as bf16 to keep training."""
+    params = tiny_params()
+    params = params.model_copy(update={"train": params.train.model_copy(update={"adapter_dtype": "bf16"})})
+    assert train_step.stage_schedule(params.train_job("embedding"), on_gpu=False).optimizer == "adamw_8bit"
+    result = train_step.train_stage("embedding", params)
+    losses = [row["loss"] for row in result.summary.history]
+    assert len(losses) >= 2 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    saved = lora_tensors("embedding")
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    model = attach_adapter(load_base_model(BaseInfo.load()), params.train_job("syntax"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
 
 
 def test_next_stage_continues_the_previous_adapter(in_project):

@@ -97,13 +97,27 @@ def attach_adapter(model, job: TrainJob, info=None):
     if job.train.quantization == "nf4":
         model = prepare_quantized(model, job.train.upcast_frozen)
     if job.spec.init_from == "base" or job.train.chain_policy == "merge":
-        lora = stage_lora(job, info or BaseInfo.load())
-        return with_expert_compute(new_adapter(model, lora), job.train.expert_compute, job.train.experts_per_dequant)
-    previous = paths.adapter_dir(job.spec.init_from)
-    if not (previous / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{previous} holds no adapter: run train@{job.spec.init_from} first")
-    adapted = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
+        adapted = new_adapter(model, stage_lora(job, info or BaseInfo.load()))
+    else:
+        previous = paths.adapter_dir(job.spec.init_from)
+        if not (previous / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{previous} holds no adapter: run train@{job.spec.init_from} first")
+        adapted = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
+    cast_trainable(adapted, job.train.adapter_dtype)
     return with_expert_compute(adapted, job.train.expert_compute, job.train.experts_per_dequant)
+
+
+def cast_trainable(model, adapter_dtype: str):
+    """The trainable weights in `train.adapter_dtype`: peft makes them fp32 (and loads a saved
+    adapter as fp32); bf16 halves them and their gradients, the optimizer keeping its math in fp32
+    (tasks/core/trainer.py::resolve_optimizer)."""
+    import torch
+
+    if adapter_dtype == "bf16":
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    return model
 
 
 def prepare_quantized(model, upcast_frozen: bool):

@@ -48,6 +48,7 @@ def resolve_expert_offload(train: TrainConfig, lora: LoraConfig, on_gpu: bool) -
         (f"train.optimizer {train.optimizer} steps on the GPU only (use auto or adamw_torch)",
          train.optimizer not in ("auto", *HOST_OPTIMIZERS)),
         ("the launcher is accelerate (FSDP/DeepSpeed place parameters themselves)", train.launcher.kind != "python"),
+        ("train.adapter_dtype is bf16 (it steps with bitsandbytes' optimizer, GPU memory only)", train.adapter_dtype == "bf16"),
     ) if bad]
     if wanted == "on" and blockers:
         raise ConfigError("train.offload_expert_adapters is on, but " + "; ".join(blockers))

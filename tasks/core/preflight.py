@@ -115,19 +115,21 @@ def memory_terms(config, weights_bytes: int, trainable: int, tokens: int, loss_c
                  gradient_checkpointing: bool = False, optimizer: str = "adamw_torch", activation_bytes: int = 2,
                  expert_targets: Sequence[str] = (), quantized_experts: bool = False,
                  routed_experts: bool = False, host_trainable: int = 0,
-                 experts_per_dequant: int | None = None) -> dict[str, int]:
+                 experts_per_dequant: int | None = None, adapter_bytes: float = 4) -> dict[str, int]:
     """The peak's terms in bytes, from the model's config and what it holds: weights as stored,
     trainable params with grads and Adam moments, activations (every layer's; with gradient
     checkpointing each layer's input plus one layer's during its recompute) in `activation_bytes`
     (2: bf16 on a GPU, 4: fp32 on a CPU), the logits: all `tokens`' at once, or one chunk's
     (`train.loss_chunk_tokens`, tasks/core/lm_loss.py), and the expert weights in flight
-    (`expert_weight_terms`). Adapter weights and their gradients are fp32 (peft keeps them so); the
+    (`expert_weight_terms`). Adapter weights and their gradients are fp32 (peft keeps them so) or bf16; the
     optimizer's two moments are fp32 or 8-bit (`optimizer`, a transformers name), `optimizer_paged`
     for a paged optimizer. The preflight (a loaded model) and `tasks.plan` (a model on the meta
     device) both use it; bench/gpu_qlora.py checks it against an H200 (bench/results/).
     `host_trainable` of the trainable parameters are expert factors kept in host memory
     (tasks/core/expert_offload.py): they, their gradients and moments leave the GPU terms, and one
-    layer's share comes over at a time (`adapter_in_flight`: fp32 copy, its gradient, its cast)."""
+    layer's share comes over at a time (`adapter_in_flight`: fp32 copy, its gradient, its cast).
+    `adapter_bytes`: bytes of a trainable weight (4; 2 under `train.adapter_dtype: bf16`), its
+    gradient the same."""
     layers, hidden = config.num_hidden_layers, config.hidden_size
     if gradient_checkpointing:
         activations = layers * tokens * hidden * 2 + tokens * hidden * _ACTIVATION_FACTOR  # bf16 layer inputs
@@ -140,7 +142,7 @@ def memory_terms(config, weights_bytes: int, trainable: int, tokens: int, loss_c
     on_gpu = trainable - host_trainable
     terms = {
         "weights": int(weights_bytes),
-        "adapter": on_gpu * (4 + 4),  # fp32 weights and their gradients
+        "adapter": int(on_gpu * adapter_bytes * 2),  # weights and their gradients (fp32, or bf16)
         optimizer_term: on_gpu * OPTIMIZER_STATE_BYTES.get(optimizer, 8),
         "activations": activations * activation_bytes // 2,  # the factor is counted in 16-bit values
         "logits": logit_rows * config.vocab_size * 4 * 2,  # fp32 logits and their gradient
@@ -204,12 +206,14 @@ def estimate_terms(model: nn.Module, batch_size: int, seq_len: int, loss_chunk_t
     weights = sum(_numel(n, p) * NF4_BYTES_PER_PARAM if _is_four_bit(n, p) else p.numel() * p.element_size()
                   for n, p in frozen)  # 4-bit: the packed values and their quantization statistics
     trainable = sum(p.numel() for _, p in params if p.requires_grad)
+    trainable_bytes = sum(p.numel() * p.element_size() for _, p in params if p.requires_grad)
     compute_bytes = compute_dtype_bytes(model)
     targets = [t for config in getattr(model, "peft_config", {}).values() for t in config.target_parameters or []]
     quantized = any(parametrize.is_parametrized(m, p) for m in model.modules() for p in EXPERT_PARAMETERS)
     return memory_terms(model.config, weights, trainable, batch_size * seq_len, loss_chunk_tokens, gradient_checkpointing,
                         optimizer, compute_bytes, targets, quantized, is_routed(model),
-                        host_trainable(model) if offload_expert_adapters else 0, experts_per_dequant(model))
+                        host_trainable(model) if offload_expert_adapters else 0, experts_per_dequant(model),
+                        trainable_bytes / trainable if trainable else 4)
 
 
 def experts_per_dequant(model: nn.Module) -> int | None:
@@ -300,6 +304,8 @@ def memory_levers(model: nn.Module, loss_chunk_tokens: int | None, gradient_chec
         "loss chunks (train.loss_chunk_tokens)": f"{loss_chunk_tokens} tokens" if loss_chunk_tokens else "off: full logits",
         "gradient checkpointing": "on" if gradient_checkpointing else "off",
         "optimizer": optimizer,
+        "adapter weights (train.adapter_dtype)": next(
+            (str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad), "none"),
     }
     if any(is_fused_experts(m) for m in model.modules()):
         levers["experts (train.expert_compute)"] = "routed" if is_routed(model) else "fold"

@@ -59,7 +59,7 @@ def stage_params(job: TrainJob) -> dict[str, str]:
     out |= {"init_from": job.spec.init_from, "kind": job.spec.kind}
     wide = job.train.model_dump(include={"quantization", "upcast_frozen", "chain_policy", "packing",
                                          "gradient_checkpointing", "loss_chunk_tokens", "expert_compute",
-                                         "offload_expert_adapters", "experts_per_dequant", "optimizer",
+                                         "offload_expert_adapters", "experts_per_dequant", "adapter_dtype", "optimizer",
                                          "liger_kernels", "launcher"})
     return out | flatten(wide)
 

@@ -39,11 +39,15 @@ class Schedule:
     loss_chunk_tokens: int | None = None
 
 
-def resolve_optimizer(choice: str, on_gpu: bool, offload_expert_adapters: bool = False) -> str:
+def resolve_optimizer(choice: str, on_gpu: bool, offload_expert_adapters: bool = False,
+                      adapter_dtype: str = "fp32") -> str:
     """`auto`: paged 8-bit AdamW on a GPU (optimizer state in 8 bits, paged to host memory under
     pressure instead of crashing), plain AdamW on CPU; with expert adapters in host memory, torch's
     fused AdamW, which steps each device's parameters where they are in one kernel per device
-    (bitsandbytes' optimizers are GPU-only). Other names pass through."""
+    (bitsandbytes' optimizers are GPU-only); with bf16 adapters, bitsandbytes' 8-bit AdamW on a CPU
+    too (its math is fp32 whatever the weights' dtype). Other names pass through."""
+    if choice == "auto" and adapter_dtype == "bf16":
+        return "paged_adamw_8bit" if on_gpu else "adamw_8bit"
     if choice == "auto":
         if on_gpu and offload_expert_adapters:
             return "adamw_torch_fused"
