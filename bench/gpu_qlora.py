@@ -90,6 +90,7 @@ class BenchSettings:
     offload_expert_adapters: bool = False  # params.yaml train.offload_expert_adapters (tasks/core/expert_offload.py)
     experts_per_dequant: int | None = None  # params.yaml train.experts_per_dequant (tasks/core/routed_lora.py)
     optimizer: str = "auto"  # params.yaml train.optimizer, resolved as train resolves it (optimizer_name)
+    adapter_dtype: str = "fp32"  # params.yaml train.adapter_dtype (tasks/core/adapters.py::cast_trainable)
     learning_rate: float = 2e-4
     seed: int = 0
 
@@ -253,13 +254,14 @@ def build_for(settings: BenchSettings) -> PreTrainedModel:
 
 def adapt(model: PreTrainedModel, settings: BenchSettings, lora: LoraConfig) -> nn.Module:
     """Checkpointing on, LoRA attached, training mode: the model the timed steps train."""
-    from tasks.core.adapters import prepare_quantized, with_expert_compute
+    from tasks.core.adapters import cast_trainable, prepare_quantized, with_expert_compute
     from tasks.core.expert_offload import offload_expert_adapters
 
     model = prepare_quantized(model, settings.upcast_frozen)  # as train does under nf4
     enable_checkpointing(model)
     model = attach_lora(model, lora, settings.attention_rank, settings.expert_rank)
-    model = with_expert_compute(model, settings.expert_compute, settings.experts_per_dequant)
+    model = cast_trainable(with_expert_compute(model, settings.expert_compute, settings.experts_per_dequant),
+                           settings.adapter_dtype)
     if settings.offload_expert_adapters:
         offload_expert_adapters(model)  # as run_trainer does once the Trainer has placed the model
     model.train()
@@ -298,21 +300,25 @@ def optimizer_name(settings: BenchSettings) -> str:
     train.optimizer: auto resolves to (tasks/core/trainer.py::resolve_optimizer)."""
     from tasks.core.trainer import resolve_optimizer
 
-    return resolve_optimizer(settings.optimizer, settings.device == "cuda", settings.offload_expert_adapters)
+    return resolve_optimizer(settings.optimizer, settings.device == "cuda", settings.offload_expert_adapters,
+                             settings.adapter_dtype)
 
 
 def make_optimizer(model: nn.Module, settings: BenchSettings) -> torch.optim.Optimizer:
-    """Paged 8-bit AdamW on the GPU (what train.optimizer: auto picks there), torch AdamW on a CPU
-    or with expert adapters in host memory (it steps both devices' parameters)."""
+    """What optimizer_name names: paged 8-bit AdamW on the GPU (what train.optimizer: auto picks
+    there), fused torch AdamW with expert adapters in host memory (it steps both devices'
+    parameters), 8-bit AdamW for bf16 adapters on a CPU, torch AdamW otherwise."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer_name(settings) == "adamw_torch_fused":
+    name = optimizer_name(settings)
+    if name == "adamw_torch_fused":
         return torch.optim.AdamW(params, lr=settings.learning_rate, fused=True)
-    if optimizer_name(settings) == "paged_adamw_8bit":
+    if name in ("paged_adamw_8bit", "adamw_8bit"):
         import bitsandbytes as bnb
 
-        return bnb.optim.PagedAdamW8bit(params, lr=settings.learning_rate)
+        kind = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return kind(params, lr=settings.learning_rate)
     return torch.optim.AdamW(params, lr=settings.learning_rate)
 
 
@@ -436,7 +442,7 @@ def flagship_estimate(config: Qwen3MoeConfig, lora: LoraConfig, settings: BenchS
     shape = Shape(settings.batch_size, settings.seq_len, "nf4", settings.loss_chunk_tokens, True,
                   bench_lora_config(lora, settings.attention_rank, settings.expert_rank), optimizer_name(settings),
                   settings.expert_compute, settings.upcast_frozen, settings.offload_expert_adapters,
-                  experts_per_dequant=settings.experts_per_dequant)
+                  experts_per_dequant=settings.experts_per_dequant, adapter_dtype=settings.adapter_dtype)
     terms = stage_memory(meta_model(config), shape, dtype_bytes=2 if settings.dtype_name == "bf16" else 4)
     return {"terms_gib": {k: round(v / GIB, 3) for k, v in terms.items()}, "total_gib": round(sum(terms.values()) / GIB, 3)}
 
@@ -508,6 +514,7 @@ def run_benchmark(settings: BenchSettings, lora: LoraConfig) -> tuple[nn.Module,
         "loss_chunk_tokens": settings.loss_chunk_tokens,
         "expert_compute": settings.expert_compute,
         "experts_per_dequant": settings.experts_per_dequant,
+        "adapter_dtype": settings.adapter_dtype,
         "upcast_frozen": settings.upcast_frozen,
         "estimate": estimate_against(report.estimated_terms, train_peak),
         "versions": versions(),
@@ -581,6 +588,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: what params.yaml train.offload_expert_adapters resolves to on a GPU under nf4)")
     parser.add_argument("--optimizer", choices=["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"], default=None,
                         help="default: params.yaml train.optimizer (auto: paged 8-bit AdamW, fused AdamW when offloading)")
+    parser.add_argument("--adapter-dtype", choices=["fp32", "bf16"], default=None,
+                        help="trainable weights and grads (default: params.yaml train.adapter_dtype; bf16 needs an 8-bit optimizer "
+                             "and no offloading)")
     parser.add_argument("--experts-per-dequant", type=int, default=None,
                         help="4-bit experts dequantized at a time (default: params.yaml train.experts_per_dequant; 0: all)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
@@ -613,6 +623,7 @@ def settings_from(args: argparse.Namespace, train: TrainConfig, device: str) -> 
         offload_expert_adapters=offload(args, train, device),
         experts_per_dequant=(train.experts_per_dequant if args.experts_per_dequant is None else args.experts_per_dequant) or None,
         optimizer=args.optimizer or train.optimizer,
+        adapter_dtype=args.adapter_dtype or train.adapter_dtype,
     )
 
 
@@ -621,9 +632,14 @@ def offload(args: argparse.Namespace, train: TrainConfig, device: str) -> bool:
     on this device (the benchmark is QLoRA); never on a CPU, where nothing would move."""
     from tasks.core.expert_offload import resolve_expert_offload
 
+    adapter_dtype = args.adapter_dtype or train.adapter_dtype
+    if args.offload_expert_adapters and adapter_dtype == "bf16":
+        raise SystemExit("bench/gpu_qlora.py: --offload-expert-adapters steps with torch's AdamW, whose math would be "
+                         "bf16 with --adapter-dtype bf16 (train refuses the pair too); drop one")
     if args.offload_expert_adapters is not None:
         return args.offload_expert_adapters and device == "cuda"
-    nf4 = train.model_copy(update={"quantization": "nf4", "expert_compute": args.expert_compute or train.expert_compute})
+    nf4 = train.model_copy(update={"quantization": "nf4", "expert_compute": args.expert_compute or train.expert_compute,
+                                   "adapter_dtype": adapter_dtype})
     return resolve_expert_offload(nf4, train.lora, device == "cuda") and (expert_rank(args, train.lora) > 0)
 
 
@@ -645,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         estimate = {"attention_rank": settings.attention_rank, "expert_rank": settings.expert_rank,
                     "loss_chunk_tokens": settings.loss_chunk_tokens, "expert_compute": settings.expert_compute,
                     "offload_expert_adapters": settings.offload_expert_adapters,
-                    "experts_per_dequant": settings.experts_per_dequant,
+                    "experts_per_dequant": settings.experts_per_dequant, "adapter_dtype": settings.adapter_dtype,
                     "lora_parameters": lora_parameter_count(config, settings.attention_rank, settings.expert_rank),
                     **flagship_estimate(config, lora, settings)}
         print(json.dumps(estimate, indent=2))

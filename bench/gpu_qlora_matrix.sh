@@ -30,6 +30,7 @@ run() {  # name, then bench/gpu_qlora.py's flags
 run defaults                                                        # params.yaml: routed experts, adapters in host memory, chunked dequant and loss, r 16
 run no-offload --no-offload-expert-adapters                         # the same with the expert adapters on the GPU
 run offload-unfused --optimizer adamw_torch                         # host adapters stepped by torch's unfused AdamW
+run bf16-adapters --adapter-dtype bf16                              # adapters on the GPU in bf16, 8-bit AdamW (fp32 math)
 run whole-dequant --experts-per-dequant 0                           # 4-bit expert stacks dequantized whole
 run offload-chunk1024 --offload-expert-adapters --loss-chunk-tokens 1024  # host adapters, larger loss chunks
 run old-defaults --expert-compute fold --loss-chunk-tokens 0 --no-offload-expert-adapters  # before issue 15: peft's fold, full logits, r 16

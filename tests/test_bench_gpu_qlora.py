@@ -194,6 +194,18 @@ class TestFlagship:
             assert ("expert_fold" in result["estimate"]["terms_gib"]) != routed
 
 
+def test_bf16_adapters_run_on_the_tiny_config_with_8bit_adamw(tmp_path):
+    out = tmp_path / "run.json"
+    argv = ["--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--seq-len", "16", "--out", str(out)]
+    assert main([*argv, "--adapter-dtype", "bf16"]) == 0
+    result = json.loads(out.read_text())
+    assert (result["adapter_dtype"], result["optimizer"]) == ("bf16", "adamw_8bit")
+    trainable = result["trainable_parameters"]["total"]
+    assert result["preflight"]["adapter_bytes"] == trainable * 2  # bf16 weights
+    with pytest.raises(SystemExit, match="drop one"):
+        main([*argv, "--adapter-dtype", "bf16", "--offload-expert-adapters"])
+
+
 def test_the_trainer_path_bench_runs_what_train_runs_on_the_tiny_config():
     """bench/gpu_trainer_path.py: the adapters module and the Trainer, as a training stage calls them."""
     from bench.gpu_trainer_path import trainer_path_run
