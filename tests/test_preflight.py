@@ -231,3 +231,17 @@ def test_a_loaded_4bit_model_weighs_what_the_plan_says_its_config_weighs(base):
     assert terms["weights"] == pytest.approx(weight_bytes(meta_model(model.config), "nf4", 4), rel=1e-6)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert terms["adapter"] == trainable * 8 and terms["optimizer"] == trainable * 8  # torch AdamW's two fp32 moments
+
+
+def test_on_a_gpu_the_memory_the_loaded_model_holds_counts_as_available(monkeypatch):
+    """The preflight runs with the model loaded and its estimate counts the weights, so what this
+    process's allocator holds is available to the step too, beside what the GPU has free."""
+    import torch
+
+    from tasks.core.preflight import available_bytes
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2 * gib, 24 * gib))  # 2 GiB free on a 24 GiB card
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 16 * gib)  # the 4-bit model and its adapter
+    assert available_bytes() == 18 * gib

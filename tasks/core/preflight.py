@@ -247,12 +247,15 @@ def estimate_peak_bytes(model: nn.Module, batch_size: int, seq_len: int, loss_ch
 
 
 def available_bytes() -> int | None:
-    """Free memory where training will run: the GPU's if there is one, else the machine's."""
+    """Memory training can use where it will run: on a GPU, what is free plus what this process's
+    allocator holds already (the preflight runs with the model loaded, and the estimate counts its
+    weights: free memory alone would count them twice and fail a card the step fits); else the
+    machine's free memory."""
     import torch
 
     if torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info()
-        return int(free)
+        return int(free) + int(torch.cuda.memory_reserved())
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
