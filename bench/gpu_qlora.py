@@ -263,7 +263,7 @@ def adapt(model: PreTrainedModel, settings: BenchSettings, lora: LoraConfig) -> 
     model = cast_trainable(with_expert_compute(model, settings.expert_compute, settings.experts_per_dequant),
                            settings.adapter_dtype)
     if settings.offload_expert_adapters:
-        offload_expert_adapters(model)  # as run_trainer does once the Trainer has placed the model
+        offload_expert_adapters(model)  # as train does before run_trainer
     model.train()
     return model
 

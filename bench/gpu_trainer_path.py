@@ -32,7 +32,7 @@ def trainer_path_run(config_name: str, steps: int, seq_len: int, device: str) ->
 
     from gpu_qlora import (BenchSettings, allocated_gib, build_for, device_name, peak_gib, peak_reserved_gib, reset_peak,
                            versions)
-    from tasks.core.adapters import new_adapter, prepare_quantized, with_expert_compute
+    from tasks.core.adapters import cast_trainable, new_adapter, prepare_quantized, with_expert_compute
     from tasks.core.config import load_params
     from tasks.core.expert_offload import offload_expert_adapters, resolve_expert_offload
     from tasks.core.trainer import Schedule, resolve_optimizer, run_trainer
@@ -45,9 +45,11 @@ def trainer_path_run(config_name: str, steps: int, seq_len: int, device: str) ->
                              expert_rank=train.lora.expert_r or train.lora.r)
     model = build_for(settings)
     model = prepare_quantized(model, train.upcast_frozen)
-    model = with_expert_compute(new_adapter(model, train.lora), train.expert_compute, train.experts_per_dequant)
+    model = cast_trainable(new_adapter(model, train.lora), train.adapter_dtype)  # as attach_adapter does
+    model = with_expert_compute(model, train.expert_compute, train.experts_per_dequant)
     schedule = Schedule(max_steps=steps, batch_size=1, learning_rate=2e-4, warmup_ratio=0.0, gradient_checkpointing=True,
-                        optimizer=resolve_optimizer(train.optimizer, on_gpu, offload), loss_chunk_tokens=train.loss_chunk_tokens)
+                        optimizer=resolve_optimizer(train.optimizer, on_gpu, offload, train.adapter_dtype),
+                        loss_chunk_tokens=train.loss_chunk_tokens)
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": ids, "labels": ids} for ids in
             torch.randint(0, model.config.vocab_size, (steps, seq_len), generator=generator).tolist()]

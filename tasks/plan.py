@@ -269,16 +269,21 @@ def _offload(s: Shape) -> list[tuple[str, Shape]]:
     """Expert adapters in host memory: slower steps, torch AdamW (fp32 moments); needs routed experts."""
     if s.offload_expert_adapters or not s.on_gpu or not s.lora.target_parameters:
         return []
+    from tasks.core.trainer import resolve_optimizer
+
+    optimizer = resolve_optimizer("auto", s.on_gpu, offload_expert_adapters=True)
     return [("train.offload_expert_adapters: on",
-             replace(s, offload_expert_adapters=True, expert_compute="routed", optimizer="adamw_torch"))]
+             replace(s, offload_expert_adapters=True, expert_compute="routed", optimizer=optimizer))]
 
 
 def _bf16_adapters(s: Shape) -> list[tuple[str, Shape]]:
     """Adapter weights and gradients in bf16, the optimizer's math in fp32 (bitsandbytes' 8-bit AdamW);
     not with offloaded expert adapters (they step with torch's AdamW)."""
+    from tasks.core.trainer import resolve_optimizer
+
     if s.adapter_dtype == "bf16" or s.offload_expert_adapters:
         return []
-    optimizer = "paged_adamw_8bit" if s.on_gpu else "adamw_8bit"
+    optimizer = resolve_optimizer("auto", s.on_gpu, adapter_dtype="bf16")
     return [("train.adapter_dtype: bf16", replace(s, adapter_dtype="bf16", optimizer=optimizer))]
 
 

@@ -71,10 +71,11 @@ def train_stage(stage: str, params: Params) -> StageResult:
     chain = merged_chain_for(job.spec.init_from, job.train.chain_policy)
     set_seed(job.seed)  # before the adapter exists: LoRA's initial weights come from this RNG
     model = attach_adapter(base_with_chain(info, chain, job.train.quantization), job, info)
-    preflight_stage(model, job)
+    offload = resolve_expert_offload(job.train, job.lora, on_gpu)
+    preflight_stage(model, job, offload)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    schedule = stage_schedule(job, on_gpu)
-    if resolve_expert_offload(job.train, job.lora, on_gpu):
+    schedule = stage_schedule(job, on_gpu, offload)
+    if offload:
         # before the Trainer builds its optimizer, so the moments are made on the host; the factors
         # stay there (the Trainer's model.to leaves them), for the eval loss and saving too
         offload_expert_adapters(model)
@@ -99,9 +100,10 @@ def train_stage(stage: str, params: Params) -> StageResult:
     return result
 
 
-def stage_schedule(job: TrainJob, on_gpu: bool) -> Schedule:
+def stage_schedule(job: TrainJob, on_gpu: bool, offload: bool = False) -> Schedule:
+    """The stage's Trainer settings; `offload`: its expert adapters are in host memory
+    (`resolve_expert_offload`), which decides the optimizer `auto` picks."""
     spec = job.spec.train
-    offload = resolve_expert_offload(job.train, job.lora, on_gpu)
     return Schedule(
         max_steps=spec.max_steps,
         batch_size=spec.batch_size,
@@ -154,7 +156,7 @@ def run_key(stage: str, params: Params) -> str:
     return digest.hexdigest()[:16]
 
 
-def preflight_stage(model, job: TrainJob) -> None:
+def preflight_stage(model, job: TrainJob, offload: bool = False) -> None:
     """Report precision, trainable parts and memory before the first step; fail on problems.
     Every process checks (so each fails loudly); only the main one writes the report."""
     import torch
@@ -163,7 +165,6 @@ def preflight_stage(model, job: TrainJob) -> None:
 
     limit = job.train.memory_limit_gb
     on_gpu = torch.cuda.is_available()
-    offload = resolve_expert_offload(job.train, job.lora, on_gpu)
     report = run_preflight(
         model,
         job.train.quantization,

@@ -309,6 +309,11 @@ class LauncherConfig(Strict):
         return self
 
 
+# transformers `optim` names of torch's AdamW: its math is in the weights' dtype, and it steps
+# parameters on any device (tasks/core/expert_offload.py steps host memory with it).
+TORCH_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+
+
 class TrainConfig(Strict):
     # Seed of training (adapter init, batch order); None: the top-level `seed`. Only the training
     # stages read it, so the ablation repeats training under several seeds without re-running the
@@ -374,7 +379,7 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _bf16_adapters_need_fp32_optimizer_math(self) -> TrainConfig:
-        if self.adapter_dtype == "bf16" and self.optimizer in ("adamw_torch", "adamw_torch_fused"):
+        if self.adapter_dtype == "bf16" and self.optimizer in TORCH_OPTIMIZERS:
             raise ValueError(f"adapter_dtype bf16 with optimizer {self.optimizer}: torch's AdamW does its math in "
                              "the weights' dtype; use optimizer auto (bitsandbytes' 8-bit AdamW, fp32 math) or "
                              "adapter_dtype fp32")

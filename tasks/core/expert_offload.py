@@ -31,22 +31,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Optimizers that can step parameters in host memory (transformers `optim` names).
-HOST_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
-
 
 def resolve_expert_offload(train: TrainConfig, lora: LoraConfig, on_gpu: bool) -> bool:
     """Whether a stage (its `lora`) keeps its expert adapters on the host. `auto`: under nf4 on one GPU (QLoRA,
     the memory-first setting; the flagship's step then fits 18 GiB) when routed experts compute them
     and the optimizer can step host memory; `on` insists (ConfigError when it cannot be done); `off`
     never. On a CPU everything is in host memory already: nothing moves, so the answer is False."""
-    from tasks.core.config import ConfigError
+    from tasks.core.config import TORCH_OPTIMIZERS, ConfigError
 
     wanted = train.offload_expert_adapters
     blockers = [why for why, bad in (
         ("train.expert_compute is fold (peft folds the factors into the stack on the GPU)", train.expert_compute != "routed"),
         (f"train.optimizer {train.optimizer} steps on the GPU only (use auto or adamw_torch)",
-         train.optimizer not in ("auto", *HOST_OPTIMIZERS)),
+         train.optimizer not in ("auto", *TORCH_OPTIMIZERS)),
         ("the launcher is accelerate (FSDP/DeepSpeed place parameters themselves)", train.launcher.kind != "python"),
         ("train.adapter_dtype is bf16 (it steps with bitsandbytes' optimizer, GPU memory only)", train.adapter_dtype == "bf16"),
     ) if bad]
@@ -107,13 +104,3 @@ def offload_expert_adapters(model: nn.Module) -> int:
 def _stay_on_host(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
     return self
 
-
-def restore_expert_adapters(model: nn.Module) -> None:
-    """Move offloaded expert factors back beside their experts (after training: saving, merging and
-    generation then find the adapter where the model is), movable with the model again."""
-    for layer, home in expert_adapter_modules(model):
-        layer.__dict__.pop("_apply", None)
-        for param in layer.parameters():
-            if param.device != home:
-                param.data = param.data.to(home)
-                param.grad = None

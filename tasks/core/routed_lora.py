@@ -233,8 +233,8 @@ def dequantized_grouped_linear(x: torch.Tensor, experts: nn.Module, name: str, e
     if not chunk or chunk >= count or not _sliceable(experts, name):
         weight = getattr(experts, name)
         return grouped_linear(x, weight.transpose(-2, -1) if transposed else weight, ends)
-    starts = torch.cat([ends.new_zeros(1), ends])
-    bounds = starts[::chunk].tolist() + ([] if count % chunk == 0 else [int(ends[-1])])
+    starts = torch.cat([ends.new_zeros(1), ends])  # starts[e]: expert e's first row; starts[count]: all rows
+    bounds = starts[list(range(0, count, chunk)) + [count]].tolist()  # each chunk's first row, then the end
     scales = stack_scales(experts, name)
     state = experts.parametrizations[name][0].quant_state
     width = state.shape[2] if transposed else state.shape[1]

@@ -46,13 +46,13 @@ def resolve_optimizer(choice: str, on_gpu: bool, offload_expert_adapters: bool =
     fused AdamW, which steps each device's parameters where they are in one kernel per device
     (bitsandbytes' optimizers are GPU-only); with bf16 adapters, bitsandbytes' 8-bit AdamW on a CPU
     too (its math is fp32 whatever the weights' dtype). Other names pass through."""
-    if choice == "auto" and adapter_dtype == "bf16":
+    if choice != "auto":
+        return choice
+    if adapter_dtype == "bf16":
         return "paged_adamw_8bit" if on_gpu else "adamw_8bit"
-    if choice == "auto":
-        if on_gpu and offload_expert_adapters:
-            return "adamw_torch_fused"
-        return "paged_adamw_8bit" if on_gpu else "adamw_torch"
-    return choice
+    if on_gpu and offload_expert_adapters:
+        return "adamw_torch_fused"
+    return "paged_adamw_8bit" if on_gpu else "adamw_torch"
 
 
 def resolve_liger(choice: str, on_gpu: bool) -> bool:
