@@ -1,7 +1,7 @@
 """What the tiny base learnt in pretraining, without running the pipeline: the skills the SFT stages
 of the embedded default build on.
 
-    python bench/base_skills.py [--set max_steps=600 --set max_length=128 ...] [--n-records 2400]
+    python bench/base_skills.py [--set max_steps=600 --set copy_warmup.steps=400 ...] [--n-records 2400]
 
 Builds the `embedding` stage's synthetic corpus from params.yaml (or `--n-records`), pretrains a
 tiny base with `tasks.base.build_tiny_base` (`model.tiny` from params.yaml; `--set` overrides keys
@@ -12,6 +12,8 @@ true world sentence so a prompt never starts a document:
   count  counts read off a story and one fact applied (`Tom has 4 eggs. He buys 3 more. Now Tom
          has` -> `7`): what the thinking stage builds on
   name   the story's name copied (`Tom has 4 eggs. He buys 3 more. Now` -> `Tom`); chance is 1 in 12
+  retell one of two counts said again (`Tom has 4 eggs. Ada has 7 pens. So Ada has` -> `7 pens`):
+         copying by the name before it, which is what a thinking step does with the question
 Settings and scores are printed as JSON (last line: the scores alone) and written to
 bench/results/base_skills.json. A base takes ~2 minutes at the default settings on 2 cores.
 """
@@ -39,10 +41,13 @@ def tiny_config(overrides: list[str]):
     tiny = load_params(PROJECT / "params.yaml").model.tiny.model_dump()
     for item in overrides:
         key, _, value = item.partition("=")
-        section = tiny["pretrain"] if key in tiny["pretrain"] else tiny
-        if key not in section:
+        *path, leaf = key.split(".")
+        section = tiny["pretrain"] if (path or [leaf])[0] in tiny["pretrain"] else tiny
+        for part in path:
+            section = section.get(part) if isinstance(section.get(part), dict) else {}
+        if leaf not in section or isinstance(section[leaf], dict):
             raise SystemExit(f"--set {item}: no such key in model.tiny or model.tiny.pretrain")
-        section[key] = type(section[key])(value)
+        section[leaf] = type(section[leaf])(value)
     return TinyModelConfig(**tiny)
 
 
@@ -53,7 +58,7 @@ def skill_prompts(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
     def context(name: str) -> str:
         return f"{name} lives in {WORLD[name]['town']}. "
 
-    prompts: dict[str, list[tuple[str, str]]] = {"copy": [], "facts": [], "count": [], "name": []}
+    prompts: dict[str, list[tuple[str, str]]] = {"copy": [], "facts": [], "count": [], "name": [], "retell": []}
     for _ in range(PROMPTS_PER_SKILL):
         name = rng.choice(NAMES)
         head, _, tail = copy_drill(rng, name).partition(" says it again:")
@@ -64,6 +69,13 @@ def skill_prompts(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
         story = context(name) + f"{name} has {have} eggs. {PEOPLE[name].capitalize()} buys {more} more. Now"
         prompts["count"].append((f"{story} {name} has", f" {have + more} eggs"))
         prompts["name"].append((story, f" {name}"))
+    for _ in range(PROMPTS_PER_SKILL):  # drawn after the others, which stay the prompts they were
+        name = rng.choice(NAMES)
+        other = rng.choice([n for n in NAMES if n != name])
+        counts = {name: (rng.randint(1, MAX_OPERAND), "eggs"), other: (rng.randint(1, MAX_OPERAND), "pens")}
+        asked = rng.choice([name, other])
+        told = " ".join(f"{who} has {n} {things}." for who, (n, things) in counts.items())
+        prompts["retell"].append((context(name) + f"{told} So {asked} has", " {} {}".format(*counts[asked])))
     return prompts
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tasks.core import paths
 from tasks.core.cli import run_stage_cli
-from tasks.core.config import CleanConfig, Params, StageSpec, TinyModelConfig, load_params
+from tasks.core.config import CleanConfig, CopyWarmupConfig, Params, StageSpec, TinyModelConfig, load_params
 from tasks.core.modeling import (
     BaseInfo,
     build_tiny_model,
@@ -27,7 +27,7 @@ from tasks.core.modeling import (
     train_tokenizer,
 )
 from tasks.core.records import read_jsonl, write_json
-from tasks.core.trainer import Schedule, run_trainer
+from tasks.core.trainer import Schedule, TrainingSummary, run_trainer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,25 @@ def with_chat_markup(texts: list[str], share: float, seed: int) -> list[str]:
     return out
 
 
+def copy_warmup(model, tokenizer, token_lists: list[list[int]], cfg: CopyWarmupConfig, seed: int) -> TrainingSummary:
+    """Teach the fresh model to copy before it reads the corpus (see CopyWarmupConfig for why).
+
+    A constant learning rate: the copying heads form late in the warm-up, so a decaying rate
+    would starve the steps that matter.
+    """
+    from tasks.data.copy_rows import copy_rows, copy_token_pool
+
+    pool = copy_token_pool(token_lists, tokenizer.all_special_ids)
+    rows = copy_rows(pool, cfg.steps * cfg.batch_size, cfg.row_length, cfg.min_span, cfg.max_span,
+                     tokenizer.eos_token_id, seed)
+    schedule = Schedule(max_steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                        warmup_ratio=0.0, seed=seed, lr_scheduler="constant")
+    log.info("copy warm-up: %d steps on spans of %d-%d of %d corpus tokens, said twice", cfg.steps,
+             cfg.min_span, cfg.max_span, len(pool))
+    with tempfile.TemporaryDirectory() as work:
+        return run_trainer(model, rows, schedule, tokenizer.pad_token_id, Path(work))
+
+
 def build_tiny_base(tiny: TinyModelConfig, corpus: list[str], seed: int, out_dir: Path = paths.BASE_DIR) -> BaseInfo:
     """Tokenizer + tiny Qwen3-MoE, pretrained on the corpus, saved as safetensors."""
     from tasks.core.chat import encode_text
@@ -74,7 +93,12 @@ def build_tiny_base(tiny: TinyModelConfig, corpus: list[str], seed: int, out_dir
     texts = with_chat_markup(corpus, tiny.pretrain.chat_markup_share, seed)
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
     model = build_tiny_model(tiny, tokenizer, seed)
-    rows = pack_for_pretraining([encode_text(tokenizer, t).input_ids for t in texts], tiny.pretrain.max_length)
+    token_lists = [encode_text(tokenizer, t).input_ids for t in texts]
+    record: dict = {}
+    if tiny.pretrain.copy_warmup.steps:
+        warmup = copy_warmup(model, tokenizer, token_lists, tiny.pretrain.copy_warmup, seed)
+        record["copy_warmup"] = warmup.metrics() | {"history": warmup.history}
+    rows = pack_for_pretraining(token_lists, tiny.pretrain.max_length)
     schedule = Schedule(
         max_steps=tiny.pretrain.max_steps,
         batch_size=tiny.pretrain.batch_size,
@@ -87,7 +111,7 @@ def build_tiny_base(tiny: TinyModelConfig, corpus: list[str], seed: int, out_dir
         summary = run_trainer(model, rows, schedule, tokenizer.pad_token_id, Path(work))
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    write_json(out_dir / "pretrain.json", summary.metrics() | {"history": summary.history})
+    write_json(out_dir / "pretrain.json", summary.metrics() | {"history": summary.history} | record)
     return BaseInfo(kind="tiny", name_or_path=str(out_dir), num_parameters=model.num_parameters())
 
 

@@ -33,6 +33,7 @@ def small_params(raw: dict[str, Any]) -> dict[str, Any]:
         stage["train"].update(max_steps=12 if name == "embedding" else 30, batch_size=8)
     pre = p["model"]["tiny"]["pretrain"]
     pre.update(max_steps=80, batch_size=16, max_length=128)
+    pre["copy_warmup"].update(steps=20, batch_size=8)  # runs the warm-up, without waiting for it to teach
     p["model"]["tiny"].update(hidden_size=64, num_hidden_layers=2, head_dim=16, moe_intermediate_size=64, vocab_size=512)
     p["evaluate"].update(max_generate=8, max_new_tokens=40)
     return p

@@ -94,6 +94,32 @@ class DataConfig(Strict):
 # --- model ----------------------------------------------------------------------------------
 
 
+class CopyWarmupConfig(Strict):
+    """Steps on random token spans said twice, before the tiny base reads its corpus.
+
+    Copying a value from the prompt is what every SFT stage of the embedded default asks for, and
+    a real base model can do it. Pretraining on ~1 M tokens of text does not teach the tiny base
+    to: the heads that copy (induction heads) form only after a long plateau. On short rows of
+    short spans, trained on the repeat alone, they form in a few hundred steps
+    (bench/base_skills.py measures what they give the base).
+    """
+
+    steps: Annotated[int, Field(ge=0)] = 0  # 0: no warm-up
+    batch_size: PositiveInt = 32
+    learning_rate: PositiveFloat = 3.0e-3
+    row_length: Annotated[int, Field(ge=8)] = 32
+    min_span: Annotated[int, Field(ge=2)] = 3
+    max_span: Annotated[int, Field(ge=2)] = 8
+
+    @model_validator(mode="after")
+    def _spans_fit(self) -> CopyWarmupConfig:
+        if self.min_span > self.max_span:
+            raise ValueError(f"min_span ({self.min_span}) is above max_span ({self.max_span})")
+        if 2 * self.max_span + 1 > self.row_length:
+            raise ValueError(f"a span of max_span ({self.max_span}) said twice does not fit row_length ({self.row_length})")
+        return self
+
+
 class PretrainConfig(Strict):
     """Full pretraining of the tiny base on the `embedding` corpus (the embedded default only)."""
 
@@ -104,6 +130,7 @@ class PretrainConfig(Strict):
     max_length: PositiveInt = 256
     # Share of corpus documents wrapped in chat markup, so the base knows its template tokens.
     chat_markup_share: Fraction = 0.3
+    copy_warmup: CopyWarmupConfig = CopyWarmupConfig()
 
 
 class TinyModelConfig(Strict):

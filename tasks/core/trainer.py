@@ -37,6 +37,9 @@ class Schedule:
     # LM head + loss a chunk of tokens at a time (tasks/core/lm_loss.py); None: full logits. Unused
     # under Liger, whose fused linear cross-entropy does the same.
     loss_chunk_tokens: int | None = None
+    # cosine decay after the warm-up; `constant` holds the rate (the tiny base's copy warm-up, which
+    # must keep learning until its last step)
+    lr_scheduler: str = "cosine"
 
 
 def resolve_optimizer(choice: str, on_gpu: bool, offload_expert_adapters: bool = False,
@@ -80,7 +83,7 @@ def training_arguments(schedule: Schedule, output_dir: Path, logging_steps: int 
         gradient_accumulation_steps=schedule.gradient_accumulation_steps,
         learning_rate=schedule.learning_rate,
         weight_decay=schedule.weight_decay,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=schedule.lr_scheduler,
         warmup_steps=schedule.warmup_ratio,  # a float below 1 is a ratio in transformers 5
         logging_steps=logging_steps,
         logging_first_step=True,
