@@ -195,8 +195,18 @@ class TestThinking:
     def test_example_format(self):
         rec = generate_stage_records("thinking", "sft", 40, seed=1234)
         replies = [assistant_turns(r)[0] for r in rec]
-        assert any(re.fullmatch(r"<think>\n\w+ starts with \d \w+\.\n(?:\w+ .+: \d+ [+-] \d+ = \d+\.\n){1,2}</think>\nThe answer is \d+\.", r)
+        assert any(re.fullmatch(r"<think>\n\w+ has \d \w+\.\n(?:\w+ .+: \d+ [+-] \d+ = \d+\.\n){1,2}</think>\nThe answer is \d+\.", r)
                    for r in replies)
+
+    def test_steps_restate_the_question_word_for_word(self):
+        """What a step copies, it copies verbatim: the base's induction heads complete `Tom has`
+        with the count that followed it in the question."""
+        records = generate_stage_records("thinking", "sft", 60, seed=1234)
+        for record in records:
+            question, reply = record["messages"][0]["content"], assistant_turns(record)[0]
+            steps = reply.removeprefix("<think>\n").split("\n</think>")[0].split("\n")
+            restated = [step.split(":")[0].removesuffix(".") for step in steps if not step.startswith(("Together", "Difference"))]
+            assert restated and all(part + "." in question for part in restated), record
 
 
 class TestInstructions:

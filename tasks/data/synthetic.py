@@ -200,8 +200,9 @@ def _equation(before: int, after: int) -> str:
 
 
 def thinking_record(rng: random.Random) -> dict:
-    """A word problem and its worked solution: each step restates a count or applies one change
-    to it with one fact (`7 + 5 = 12.`), and the answer line repeats the last result."""
+    """A word problem and its worked solution: each step restates a sentence of the question word
+    for word (so its counts are copied, which the base's induction heads do) and applies one fact
+    to it (`He buys 5 more: 7 + 5 = 12.`); the answer line repeats the last result."""
     name, other = _two_people(rng)
     items = rng.choice(ITEMS)
     shape = rng.choices(("one_step", "two_steps", "together", "difference"), weights=(4, 2, 3, 2))[0]
@@ -219,11 +220,12 @@ def thinking_record(rng: random.Random) -> dict:
         pro = _pronoun(name)
         have = rng.randint(1, MAX_OPERAND)
         sentences = [f"{name} has {have} {items}."]
-        steps = [f"{name} starts with {have} {items}."]
+        steps = list(sentences)
         for i in range(1 if shape == "one_step" else 2):
             phrase, after = _step(rng, name, have)
-            sentences.append(f"{'Then ' + pro.lower() if i else pro} {phrase}.")
-            steps.append(f"{pro} {phrase}: {_equation(have, after)}.")
+            change = f"{'Then ' + pro.lower() if i else pro} {phrase}"
+            sentences.append(change + ".")
+            steps.append(f"{change}: {_equation(have, after)}.")
             have = after
         question = " ".join(sentences) + f" How many {items} does {name} have now?"
         answer = have
