@@ -14,6 +14,9 @@ true world sentence so a prompt never starts a document:
   name   the story's name copied (`Tom has 4 eggs. He buys 3 more. Now` -> `Tom`); chance is 1 in 12
   retell one of two counts said again (`Tom has 4 eggs. Ada has 7 pens. So Ada has` -> `7 pens`):
          copying by the name before it, which is what a thinking step does with the question
+  slots  a slot value read off a request, in the corpus's own form (`Tom asks: Play jazz in the
+         kitchen. As JSON: {"intent": "play_music", "slots": {"genre": "` -> `jazz`): what the
+         syntax stage builds on; chance is about 1 in 8
 Settings and scores are printed as JSON (last line: the scores alone) and written to
 bench/results/base_skills.json. A base takes ~2 minutes at the default settings on 2 cores.
 """
@@ -53,12 +56,12 @@ def tiny_config(overrides: list[str]):
 
 def skill_prompts(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
     """(prompt, expected start of the continuation) per skill."""
-    from tasks.data.synthetic import MAX_OPERAND, NAMES, PEOPLE, WORLD, arithmetic_facts, copy_drill
+    from tasks.data.synthetic import MAX_OPERAND, NAMES, PEOPLE, WORLD, arithmetic_facts, copy_drill, syntax_example
 
     def context(name: str) -> str:
         return f"{name} lives in {WORLD[name]['town']}. "
 
-    prompts: dict[str, list[tuple[str, str]]] = {"copy": [], "facts": [], "count": [], "name": [], "retell": []}
+    prompts: dict[str, list[tuple[str, str]]] = {"copy": [], "facts": [], "count": [], "name": [], "retell": [], "slots": []}
     for _ in range(PROMPTS_PER_SKILL):
         name = rng.choice(NAMES)
         head, _, tail = copy_drill(rng, name).partition(" says it again:")
@@ -76,7 +79,18 @@ def skill_prompts(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
         asked = rng.choice([name, other])
         told = " ".join(f"{who} has {n} {things}." for who, (n, things) in counts.items())
         prompts["retell"].append((context(name) + f"{told} So {asked} has", " {} {}".format(*counts[asked])))
+    for _ in range(PROMPTS_PER_SKILL):
+        name = rng.choice(NAMES)
+        request, answer = syntax_example(rng)  # every request template carries a slot
+        prompts["slots"].append(_slot_prompt(rng, context(name) + f"{name} asks: {request} As JSON: ", answer))
     return prompts
+
+
+def _slot_prompt(rng: random.Random, prompt: str, answer: str) -> tuple[str, str]:
+    """The answer cut just before one of its slot values: (prompt + that cut, the value)."""
+    slot, value = rng.choice(list(json.loads(answer)["slots"].items()))
+    cut = answer.index(f'"{slot}": ') + len(f'"{slot}": ') + isinstance(value, str)
+    return prompt + answer[:cut], str(value)
 
 
 def greedy_scores(base_dir: Path, prompts: dict[str, list[tuple[str, str]]]) -> dict[str, float]:

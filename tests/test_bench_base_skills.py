@@ -29,3 +29,10 @@ def test_retell_asks_for_one_of_the_two_counts_it_told():
     for prompt, expected in prompts["retell"]:
         asked = prompt.rsplit(" So ", 1)[1].removesuffix(" has")
         assert f"{asked} has{expected}." in prompt
+
+
+def test_slots_cuts_the_json_just_before_a_value_the_request_says():
+    for prompt, expected in skill_prompts(random.Random(0))["slots"]:
+        request = prompt.split(" asks: ", 1)[1].split(" As JSON: ", 1)[0]
+        assert expected in request
+        assert re.search(r'"\w+": "?$', prompt)
