@@ -110,6 +110,15 @@ class TestEmbedding:
         assert len(drills) > N // 10
         assert all(m.group(1) == m.group(2) and len(m.group(1).split()) >= 3 for m in drills)
 
+    def test_quote_drills_write_the_words_they_said_as_json_strings(self, curriculum):
+        """` Monday` and `"Monday` are different tokens: each drill pairs the two forms of a word."""
+        drills = [m for rec in curriculum["embedding"]
+                  for m in re.finditer(r"writes down ([^.]+)\. As JSON: (\[[^\]]*\])", rec["text"])]
+        assert len(drills) > N // 10
+        assert all(json.loads(m.group(2)) == m.group(1).split() for m in drills)
+        quoted = {word for m in drills for word in json.loads(m.group(2))}
+        assert {"Monday", "jazz", "eggs", "Nora", "kitchen"} <= quoted  # slot values the syntax stage copies
+
     def test_retold_counts_repeat_what_was_said(self, curriculum):
         """A retold count is the count stated before it: copying it is the only way to predict it."""
         retold = [m for rec in curriculum["embedding"] for m in re.finditer(

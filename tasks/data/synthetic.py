@@ -4,7 +4,8 @@ Sized by `stages.<stage>.data.n_records` and fixed by `seed`. The curriculum is 
 model (BPE vocab 1024, ~100 LoRA steps on CPU) to learn visibly: a small closed world, very regular
 templates, records of roughly 30-220 tokens.
   embedding     raw text about the world: one-digit arithmetic facts, sequences said twice (so the
-                base learns to copy from its context), JSON and key: value lines
+                base learns to copy from its context), words said and then quoted in JSON (so it
+                learns ` Monday` and `"Monday` are one word), JSON and key: value lines
   syntax        "Extract JSON: <request>" -> {"intent": ..., "slots": {...}}
   thinking      one-digit +/- word problems -> <think> steps </think> and "The answer is N."
   instructions  short exact tasks (repeat, reverse, count, look up a fact), 30% two-turn
@@ -344,6 +345,21 @@ def copy_drill(rng: random.Random, name: str) -> str:
     return f"{name} reads out: {seq}. {_pronoun(name)} says it again: {seq}."
 
 
+@functools.cache
+def _quotable_words() -> tuple[str, ...]:
+    """One-token words the later stages write inside JSON strings: slot values, names, things."""
+    values = {str(v) for slot_values in SLOT_VALUES.values() for v in slot_values}
+    return tuple(sorted(w for w in values | set(WORDS) | set(NAMES) if " " not in w))
+
+
+def quote_drill(rng: random.Random, name: str) -> str:
+    """Words said in prose, then written as JSON strings. After a quote a word is another token
+    than after a space (`"Monday` is not ` Monday`), so a slot value copied from a request into
+    JSON must cross from one to the other; this is the text the base learns that from."""
+    words = rng.sample(_quotable_words(), rng.randint(2, 4))
+    return f"{name} writes down {' '.join(words)}. As JSON: {json.dumps(words)}"
+
+
 # How many times each retold-count sentence is among an embedding part's choices: about half the
 # parts. The tiny base copies a count it has just read only when such text is this dense.
 RETOLD_WEIGHT = 5
@@ -396,6 +412,10 @@ def _embedding_part(rng: random.Random, name: str, items: str) -> str:
         lambda: copy_drill(rng, name),
         lambda: copy_drill(rng, name),
         lambda: copy_drill(rng, name),
+        lambda: quote_drill(rng, name),
+        lambda: quote_drill(rng, name),
+        lambda: quote_drill(rng, name),
+        lambda: quote_drill(rng, name),
     ) + _retold_counts(rng, name, other, items) * RETOLD_WEIGHT
     return rng.choice(makers)()
 
