@@ -1,7 +1,7 @@
 """What the tiny base learnt in pretraining, without running the pipeline: the skills the SFT stages
 of the embedded default build on.
 
-    python bench/base_skills.py [--set max_steps=600 --set copy_warmup.steps=400 ...] [--n-records 2400]
+    python bench/base_skills.py [--set max_steps=600 --set copy_warmup.steps=0 ...] [--n-records 2400]
 
 Builds the `embedding` stage's synthetic corpus from params.yaml (or `--n-records`), pretrains a
 tiny base with `tasks.base.build_tiny_base` (`model.tiny` from params.yaml; `--set` overrides keys

@@ -34,7 +34,7 @@ class TestRepoParams:
         stages = list(params.stages.values())
         assert [s.kind for s in stages] == ["pretrain", "sft", "sft", "sft"]
         assert [s.data.n_records for s in stages] == [2400, 600, 600, 600]
-        assert [s.data.replay_share for s in stages] == [0.0, 0.3, 0.3, 0.5]
+        assert [s.data.replay_share for s in stages] == [0.0, 0.0, 0.3, 0.5]
         assert all(s.data.sources == [] for s in stages)
         assert [s.checks.think_block for s in stages] == [False, False, True, False]
         assert [s.checks.json_target for s in stages] == [False, True, False, False]
@@ -45,10 +45,10 @@ class TestRepoParams:
         assert params.seed == 1234
         assert params.validate_.min_tokens == 4
         assert params.register_.model_name == "stagewise-assistant"
-        assert params.stages["syntax"].train.learning_rate == pytest.approx(3.0e-3)
+        assert params.stages["syntax"].train.learning_rate == pytest.approx(2.0e-3)
         assert params.model.name_or_path is None
         assert params.model.tiny.pretrain.max_steps == 600
-        assert params.model.tiny.pretrain.copy_warmup.steps == 0  # off: README, "What the embedded default teaches"
+        assert params.model.tiny.pretrain.copy_warmup.steps == 400  # README, "What the embedded default teaches"
 
     def test_final_stage_is_last(self):
         assert load_params(PARAMS_FILE).final_stage == "instructions"
