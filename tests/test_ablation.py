@@ -24,7 +24,7 @@ from tests.pipeline_workspace import PROJECT
 # metrics/data.json as prepare writes it, for stages of different row lengths
 REPORT = {
     "embedding": {"train_rows": 2160, "train_rows_replayed": 0, "train_tokens": 2160 * 120, "train_tokens_replayed": 0},
-    "syntax": {"train_rows": 771, "train_rows_replayed": 231, "train_tokens": 540 * 40, "train_tokens_replayed": 231 * 120},
+    "syntax": {"train_rows": 540, "train_rows_replayed": 0, "train_tokens": 540 * 40, "train_tokens_replayed": 0},  # replays nothing
     "thinking": {"train_rows": 771, "train_rows_replayed": 231, "train_tokens": 540 * 90, "train_tokens_replayed": 231 * 100},
     "instructions": {"train_rows": 771, "train_rows_replayed": 231, "train_tokens": 540 * 25, "train_tokens_replayed": 231 * 95},
 }
@@ -48,7 +48,7 @@ def test_mixed_trains_the_same_rows_of_each_stage_as_staged_in_one_stage():
     assert [mixed.stages[s].train.max_steps for s in ("syntax", "thinking")] == [0, 0]
     drawn = {s: params.stages[s].train.max_steps * rows_per_step(params.stages[s].train) for s in ("syntax", "thinking", "instructions")}
     # each stage's weight: the rows staged training draws from it over the rows it has
-    assert overrides["stages.instructions.data.mix"] == {s: pytest.approx(drawn[s] / 771, abs=1e-6) for s in drawn}
+    assert overrides["stages.instructions.data.mix"] == {s: pytest.approx(drawn[s] / REPORT[s]["train_rows"], abs=1e-6) for s in drawn}
     assert mixed.stages["instructions"].train.max_steps == math.ceil(sum(drawn.values()) / rows_per_step(params.stages["instructions"].train))
 
 
@@ -58,8 +58,10 @@ def test_each_variant_trains_the_same_tokens_within_one_batch():
     mixed = tokens_drawn(with_overrides(params, variant_overrides(params, params.ablation.variants["mixed"], REPORT)), REPORT)
     no_replay_overrides = variant_overrides(params, params.ablation.variants["staged-no-replay"], REPORT)
     no_replay = tokens_drawn(with_overrides(params, no_replay_overrides), REPORT)
-    for stage in ("syntax", "thinking", "instructions"):  # shorter rows without the replay: more steps
+    assert "stages.syntax.train.max_steps" not in no_replay_overrides  # syntax replays nothing already
+    for stage in ("thinking", "instructions"):  # shorter rows without the replay: more steps
         assert no_replay_overrides[f"stages.{stage}.train.max_steps"] > params.stages[stage].train.max_steps
+    for stage in ("syntax", "thinking", "instructions"):
         batch = rows_per_step(params.stages[stage].train)
         assert abs(no_replay[stage] - staged[stage]) <= batch * LONGEST_ROW / 2  # rounded to the nearest step
     batch = rows_per_step(params.stages["instructions"].train)
