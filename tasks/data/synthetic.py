@@ -360,6 +360,9 @@ def quote_drill(rng: random.Random, name: str) -> str:
     return f"{name} writes down {' '.join(words)}. As JSON: {json.dumps(words)}"
 
 
+# How many times each drill (copy, quote) is among an embedding part's choices.
+DRILL_WEIGHT = 4
+
 # How many times each retold-count sentence is among an embedding part's choices: about half the
 # parts. The tiny base copies a count it has just read only when such text is this dense.
 RETOLD_WEIGHT = 5
@@ -408,15 +411,9 @@ def _embedding_part(rng: random.Random, name: str, items: str) -> str:
         lambda: "\n" + json.dumps({"name": name, "town": facts["town"], "pet": facts["pet"]}) + "\n",
         lambda: "{} asks: {} As JSON: {}".format(name, *syntax_example(rng)),
         lambda: "{} asks: {} As JSON: {}".format(name, *syntax_example(rng)),
-        lambda: copy_drill(rng, name),
-        lambda: copy_drill(rng, name),
-        lambda: copy_drill(rng, name),
-        lambda: copy_drill(rng, name),
-        lambda: quote_drill(rng, name),
-        lambda: quote_drill(rng, name),
-        lambda: quote_drill(rng, name),
-        lambda: quote_drill(rng, name),
-    ) + _retold_counts(rng, name, other, items) * RETOLD_WEIGHT
+    )
+    makers += (lambda: copy_drill(rng, name),) * DRILL_WEIGHT + (lambda: quote_drill(rng, name),) * DRILL_WEIGHT
+    makers += _retold_counts(rng, name, other, items) * RETOLD_WEIGHT
     return rng.choice(makers)()
 
 
