@@ -47,7 +47,8 @@ def tiny_config(overrides: list[str]):
         *path, leaf = key.split(".")
         section = tiny["pretrain"] if (path or [leaf])[0] in tiny["pretrain"] else tiny
         for part in path:
-            section = section.get(part) if isinstance(section.get(part), dict) else {}
+            child = section.get(part)
+            section = child if isinstance(child, dict) else {}
         if leaf not in section or isinstance(section[leaf], dict):
             raise SystemExit(f"--set {item}: no such key in model.tiny or model.tiny.pretrain")
         section[leaf] = type(section[leaf])(value)
