@@ -95,6 +95,7 @@ class PreparedStage:
     n_rejected: int
     n_replayed: int = 0
     packing_efficiency: float | None = None
+    replayed_token_share: float = 0.0  # of the trained tokens in the stage's training rows
 
 
 # --- clean, dedupe, split -----------------------------------------------------------------------
@@ -423,6 +424,40 @@ def replay_plan(stage: str, n_own: int, sizes: list[int], share: float, seed: in
     return positions
 
 
+def token_replay_plan(stage: str, own_tokens: int, earlier: Sequence[np.ndarray], share: float, seed: int,
+                      balance: str = "row") -> list[int]:
+    """`replay_plan` with the share counted in trainable tokens (`prepare.replay_unit: tokens`):
+    `earlier` holds each earlier stage's trainable tokens per row, and rows are taken in a seeded
+    order until the replay holds `share` of the mix's trainable tokens (the row that reaches it
+    included). Counted in rows, a pretraining stage's replay (every token trained) can hold more of
+    an SFT stage's trained tokens than its own replies do, and dilute the lesson it is there to keep."""
+    wanted = own_tokens * share / (1 - share) if share else 0.0
+    starts = np.cumsum([0] + [len(tokens) for tokens in earlier])
+    if not wanted or not starts[-1]:
+        return []
+    if balance == "row":
+        groups = [(np.concatenate(list(earlier)), 0, wanted, f"{seed}:replay:{stage}")]
+    else:
+        filled = [i for i, tokens in enumerate(earlier) if len(tokens)]
+        groups = [(earlier[i], int(starts[i]), wanted / len(filled), f"{seed}:replay:{stage}:{i}") for i in filled]
+    positions = []
+    for tokens, start, quota, key in groups:
+        order = list(range(len(tokens)))
+        random.Random(key).shuffle(order)
+        reached = int(np.searchsorted(np.cumsum(tokens[order]), quota))  # the first row at or past the quota
+        positions += [start + i for i in order[:reached + 1]]
+    return positions
+
+
+def replay_positions(stage: str, own: Rows, earlier: list[Rows], share: float, seed: int, cfg: PrepareConfig) -> list[int]:
+    """Positions in the earlier stages' training rows, pooled, to replay into `stage`: `share` of its
+    rows or of its trained tokens, as `prepare.replay_unit` says."""
+    if cfg.replay_unit == "tokens":
+        return token_replay_plan(stage, int(own.n_trainable.sum()), [rows.n_trainable for rows in earlier], share,
+                                 seed, cfg.replay_balance)
+    return replay_plan(stage, len(own), [len(rows) for rows in earlier], share, seed, cfg.replay_balance)
+
+
 def replay_rows(stage: str, own: list[dict], earlier: list[list[dict]], share: float, seed: int,
                 balance: str = "row") -> list[dict]:
     """Rows sampled from earlier stages' training data so that `share` of the mix is replay."""
@@ -497,6 +532,7 @@ def stage_report(data: StageData, train: Rows, eval_rows: Rows, replayed: int, p
         "train_tokens": int(train.n_tokens[own].sum()),
         "train_tokens_replayed": int(train.n_tokens[[not o for o in own]].sum()),
         "train_trainable_tokens": int(train.n_trainable[own].sum()),
+        "train_trainable_tokens_replayed": int(train.n_trainable[[not o for o in own]].sum()),
         "eval_tokens": int(eval_rows.n_tokens.sum()),
         "packing": packing,
         "multi_turn": multi_turn,
@@ -593,8 +629,7 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
         weights = {str(i): s.weight for i, s in enumerate(data.spec.data.sources)}
         train, weight_counts = weight_rows(train, weights, data.stage, seed)
         data.counts.update(weight_counts)
-        replay = replay_plan(data.stage, len(train), list(map(len, own_train)), data.spec.data.replay_share, seed,
-                             cfg.replay_balance)
+        replay = replay_positions(data.stage, train, own_train, data.spec.data.replay_share, seed, cfg)
         replayed = Rows.take_across(own_train, replay) if replay else Rows.empty()
         own_train.append(train)
         train = Rows.concat([train, replayed]) if replay else train
@@ -616,8 +651,11 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
         report[data.stage] = stage_report(data, train, eval_rows, len(replayed), packing, multi_turn)
         log.info("prepare: %s: %d rows encoded in %.1f s, mixed and packed in %.1f s (Parquet written in the background)",
                  data.stage, len(train) + len(eval_rows), encoded_at - stage_started, time.perf_counter() - encoded_at)
+        line = report[data.stage]
+        trained = line["train_trainable_tokens"] + line["train_trainable_tokens_replayed"]
         results.append(PreparedStage(data.stage, len(train) - len(replayed), len(eval_rows), len(rejects),
-                                     len(replayed), packing and packing["efficiency"]))
+                                     len(replayed), packing and packing["efficiency"],
+                                     line["train_trainable_tokens_replayed"] / trained if trained else 0.0))
     for write in writes:
         write.result()
     write_json(paths.DATA_REPORT, report)
@@ -648,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         check_benchmarks_are_deps(params.prepare)
         return [
-            f"prepare: {r.stage}: {r.n_train} train (+{r.n_replayed} replayed), {r.n_eval} eval, "
+            f"prepare: {r.stage}: {r.n_train} train (+{r.n_replayed} replayed"
+            + (f", {r.replayed_token_share:.0%} of its trained tokens" if r.n_replayed else "") + f"), {r.n_eval} eval, "
             f"{r.n_rejected} rejected or changed"
             + (f", packed {r.packing_efficiency:.1%} full" if r.packing_efficiency is not None else "")
             for r in prepare_all(params)

@@ -14,7 +14,15 @@ import yaml
 from flows.dvc_experiments import stage_times
 from tasks.ablation.report import RunResult, write_reports
 from tasks.ablation.tracking import ABLATION_TAG, log_ablation
-from tasks.ablation.variants import mix_overrides, plan_runs, rows_per_step, tokens_drawn, variant_overrides, with_overrides
+from tasks.ablation.variants import (
+    mix_overrides,
+    plan_runs,
+    replay_row_count,
+    rows_per_step,
+    tokens_drawn,
+    variant_overrides,
+    with_overrides,
+)
 from tasks.ablation.verdict import NO_DIFFERENCE, Cell, judge, markdown_table, verdicts
 from tasks.core.config import AblationVariant, ConfigError, parse_params
 from tasks.data.rows import Rows
@@ -68,6 +76,18 @@ def test_each_variant_trains_the_same_tokens_within_one_batch():
     assert abs(sum(mixed.values()) - sum(staged.values())) <= batch * LONGEST_ROW
     # and from the same stages' data, in the same amounts (the mixture only removes the order)
     assert mixed == pytest.approx(staged, rel=0.01)
+
+
+def test_the_replay_a_variant_gets_counts_what_replay_share_counts():
+    params = parse_params(project_raw())
+    share = params.stages["thinking"].data.replay_share
+    line = REPORT["thinking"] | {"train_trainable_tokens": 540 * 40, "train_trainable_tokens_replayed": 231 * 80}
+    by_rows = with_overrides(params, {"prepare.replay_unit": "rows"})
+    by_tokens = with_overrides(params, {"prepare.replay_unit": "tokens"})
+    assert replay_row_count(by_rows, line, "thinking") == round(540 * share / (1 - share)) == 231
+    # 540 rows train 21,600 tokens; replayed rows train 80 each: 0.3 of the trained tokens is 116 of them
+    assert replay_row_count(by_tokens, line, "thinking") == round(540 * 40 * share / (1 - share) / 80) == 116
+    assert replay_row_count(by_tokens, line, "embedding") == 0  # the first stage has nothing to replay
 
 
 def test_a_variant_that_sets_a_stage_s_training_keeps_it():

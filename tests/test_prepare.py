@@ -28,8 +28,10 @@ from tasks.prepare import (
     encode_split,
     prepare_all,
     prepared_schema,
+    replay_plan,
     replay_rows,
     split_rows,
+    token_replay_plan,
     weight_rows,
     weighted_rows,
 )
@@ -270,6 +272,42 @@ class TestReplayRows:
         assert replay_rows("syntax", [{}] * own_count, earlier, share, seed=0) == []
 
 
+class TestTokenReplay:
+    """`prepare.replay_unit: tokens`: replay_share counts trained tokens, not rows."""
+
+    pretrain = np.full(400, 100)  # long raw-text rows, every token trained
+    sft = np.full(60, 10)  # short replies
+
+    def test_rows_are_taken_until_the_share_of_trained_tokens_is_reached(self):
+        taken = token_replay_plan("thinking", 700, [self.pretrain, self.sft], share=0.3, seed=1)
+        tokens = np.concatenate([self.pretrain, self.sft])[taken]
+        assert tokens.sum() >= 300 > tokens.sum() - tokens[-1]  # 300 / (700 + 300) = 0.3, the last row reaching it
+        assert len(set(taken)) == len(taken)
+
+    def test_stage_balance_takes_an_equal_part_of_tokens_from_each_stage(self):
+        taken = token_replay_plan("instructions", 1000, [self.pretrain, self.sft], share=0.5, seed=1, balance="stage")
+        from_pretrain = [i for i in taken if i < 400]
+        assert (len(from_pretrain), len(taken) - len(from_pretrain)) == (5, 50)  # 500 tokens each: 5 long rows, 50 short
+        assert all(400 <= i < 460 for i in taken[5:])
+        by_rows = replay_plan("instructions", 100, [400, 60], 0.5, 1, "stage")
+        assert sum(i < 400 for i in by_rows) == 50  # counted in rows, the long rows hold 5000 of 5500 tokens
+
+    def test_a_stage_with_too_few_tokens_gives_all_it_has(self):
+        taken = token_replay_plan("instructions", 1000, [self.pretrain, self.sft[:3]], 0.5, 1, "stage")
+        assert sorted(i for i in taken if i >= 400) == [400, 401, 402]
+
+    def test_deterministic_per_seed_and_stage(self):
+        first = token_replay_plan("thinking", 700, [self.pretrain, self.sft], 0.3, seed=1)
+        assert token_replay_plan("thinking", 700, [self.pretrain, self.sft], 0.3, seed=1) == first
+        assert token_replay_plan("thinking", 700, [self.pretrain, self.sft], 0.3, seed=2) != first
+        assert token_replay_plan("syntax", 700, [self.pretrain, self.sft], 0.3, seed=1) != first
+
+    @pytest.mark.parametrize("own, earlier, share", [(700, [np.full(5, 10)], 0.0), (700, [], 0.3),
+                                                     (700, [np.zeros(0, int)], 0.3), (0, [np.full(5, 10)], 0.3)])
+    def test_empty(self, own, earlier, share):
+        assert token_replay_plan("syntax", own, earlier, share, seed=0) == []
+
+
 class TestPrepareAll:
     """A whole run on the synthetic curriculum plus a user source with duplicates and a long chat."""
 
@@ -318,6 +356,31 @@ class TestPrepareAll:
         assert ins["ingested_records"] == 42 and ins["prepare"] == {"dropped.exact_duplicate": 1, "dropped.too_long": 1}
         assert ins["train_rows"] - ins["train_rows_replayed"] + ins["eval_rows"] == 40
         assert ins["sources"] == [{"path": "data/sources/instructions.jsonl", "preset": "messages", "records": 42}]
+
+    @staticmethod
+    def replayed(project, unit: str) -> dict[str, tuple[float, dict, list[dict]]]:
+        """Per replaying stage, prepared with `replay_unit`: its share, report line and replayed rows."""
+        params = project.model_copy(update={"prepare": project.prepare.model_copy(update={"replay_unit": unit})})
+        prepare_all(params)
+        report = json.loads(paths.DATA_REPORT.read_text())
+        out = {}
+        for stage in ("thinking", "instructions"):
+            train = pq.read_table(paths.prepared_file(stage, "train")).to_pylist()
+            replayed = [row for row in train if row["source_stage"] != stage]
+            assert report[stage]["train_trainable_tokens_replayed"] == sum(row["n_trainable"] for row in replayed)
+            out[stage] = (params.stages[stage].data.replay_share, report[stage], replayed)
+        return out
+
+    def test_replay_share_in_rows(self, project):
+        for share, line, replayed in self.replayed(project, "rows").values():
+            own_rows = line["train_rows"] - line["train_rows_replayed"]
+            assert len(replayed) == round(own_rows * share / (1 - share)) > 0
+
+    def test_replay_share_in_trained_tokens(self, project):
+        for share, line, replayed in self.replayed(project, "tokens").values():
+            wanted = line["train_trainable_tokens"] * share / (1 - share)
+            longest = max(row["n_trainable"] for row in replayed)
+            assert wanted <= line["train_trainable_tokens_replayed"] < wanted + 3 * longest  # a row past each stage's part
 
     def test_packed_rows_are_written_in_row_groups_of_a_token_budget(self, project, monkeypatch):
         """One row group of a large stage's packed rows held all of its encoded pages at once."""

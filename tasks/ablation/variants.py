@@ -69,6 +69,23 @@ def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
     return parse_params(raw, f"params.yaml with overrides {sorted(overrides)}")
 
 
+def replay_row_count(params: Params, line: dict, stage: str) -> int:
+    """Rows `prepare` replays into `stage` under `params`, from the stage's line in metrics/data.json:
+    `replay_share` of its rows, or with `prepare.replay_unit: tokens` of its trained tokens (in rows
+    as long as the replay metrics/data.json reports)."""
+    share = params.stages[stage].data.replay_share
+    if not share or not params.stage_names.index(stage):
+        return 0
+    replayed = line.get("train_rows_replayed", 0)
+    own_rows = max(line["train_rows"] - replayed, 1)
+    if params.prepare.replay_unit == "rows":
+        return round(own_rows * share / (1 - share))
+    own_trained = line.get("train_trainable_tokens", line["train_tokens"])
+    replay_trained = (line["train_trainable_tokens_replayed"] / replayed
+                      if replayed and "train_trainable_tokens_replayed" in line else own_trained / own_rows)
+    return round(own_trained * share / (1 - share) / max(replay_trained, 1e-9))
+
+
 def row_tokens(params: Params, report: dict, stage: str) -> float:
     """Mean tokens per training row of `stage` under `params`: its own rows and its replay (whose
     mean length metrics/data.json gives) in the proportion its replay_share makes."""
@@ -77,8 +94,7 @@ def row_tokens(params: Params, report: dict, stage: str) -> float:
     own_rows = max(line["train_rows"] - replayed, 1)
     own_mean = line["train_tokens"] / own_rows
     replay_mean = line["train_tokens_replayed"] / replayed if replayed and "train_tokens_replayed" in line else own_mean
-    share = params.stages[stage].data.replay_share
-    n_replay = round(own_rows * share / (1 - share)) if share and params.stage_names.index(stage) else 0
+    n_replay = replay_row_count(params, line, stage)
     return (own_rows * own_mean + n_replay * replay_mean) / (own_rows + n_replay)
 
 

@@ -69,8 +69,9 @@ class StageData(Strict):
 
     n_records: PositiveInt | None = None  # synthetic records to generate when there are no sources
     sources: list[SourceSpec] = Field(default_factory=list)
-    # Share of this stage's training rows drawn from earlier stages' training data, against
-    # forgetting what they taught (sampled deterministically in `prepare`).
+    # Share of this stage's training drawn from earlier stages' training data, against forgetting
+    # what they taught (sampled deterministically in `prepare`): of its trained tokens or of its
+    # rows, as `prepare.replay_unit` says.
     replay_share: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # Stage -> weight: this stage trains on those stages' training rows as prepared (their own rows
     # plus their replay), each repeated by its weight, instead of on its own rows alone. The
@@ -221,6 +222,10 @@ class PrepareConfig(Strict):
     # row: from all their training rows pooled, so each gives in proportion to its size; stage: an
     # equal part from each, so a large pretraining corpus does not crowd out the SFT stages.
     replay_balance: Literal["row", "stage"] = "row"
+    # What replay_share counts. rows: training rows; tokens: trained tokens, so a pretraining stage's
+    # long rows (every token trained) replayed into an SFT stage (replies only) stay `share` of what it
+    # learns from, instead of outweighing its own lesson.
+    replay_unit: Literal["rows", "tokens"] = "rows"
     # A record longer than this (characters of text, or of all messages) goes to the rejects as
     # `too_large` before any work: one document costs prepare about 0.13 GB of memory a million
     # characters (bench/prepare_memory.py --line), so the default keeps one record under ~1.5 GB.
