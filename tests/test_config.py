@@ -34,7 +34,8 @@ class TestRepoParams:
         stages = list(params.stages.values())
         assert [s.kind for s in stages] == ["pretrain", "sft", "sft", "sft"]
         assert [s.data.n_records for s in stages] == [2400, 600, 600, 600]
-        assert [s.data.replay_share for s in stages] == [0.0, 0.0, 0.3, 0.5]
+        assert [s.data.replay_share for s in stages] == [0.0, 0.0, 0.3, 0.7]
+        assert params.prepare.replay_unit == "tokens"  # README, "What the embedded default teaches"
         assert all(s.data.sources == [] for s in stages)
         assert [s.checks.think_block for s in stages] == [False, False, True, False]
         assert [s.checks.json_target for s in stages] == [False, True, False, False]
