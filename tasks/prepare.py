@@ -10,7 +10,8 @@ Per stage, in order:
                and their end-of-turn marker only (`sft`); a conversation is one row, or one per
                reply where the template rewrites history (`prepare.multi_turn`); every trained
                span is checked against its reply; length limits applied as configured
-  mix          source weights, then a replay share of earlier stages' training rows
+  mix          source weights, then earlier stages' training rows replayed: a share of the stage's
+               trained tokens or of its rows (`prepare.replay_unit`)
   pack         best-fit-decreasing rows of `packing.row_length` tokens (position ids reset per record)
 
 Everything dropped or changed goes to `data/prepared/<stage>/rejects.jsonl` (ingest's rejects are
