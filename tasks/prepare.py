@@ -403,20 +403,33 @@ def weight_rows(rows: Rows, weights: dict[str, float], stage: str, seed: int) ->
     return mixed.with_hashes([h if k == 0 else f"{h}~{k}" for h, (_, k) in zip(mixed.content_hash, plan)]), counts
 
 
-def replay_plan(stage: str, n_own: int, sizes: list[int], share: float, seed: int, balance: str = "row") -> list[int]:
+def replay_weights(sizes: Sequence[int], weights: Sequence[float] | None) -> dict[int, float]:
+    """Earlier stage (by position) -> its weight in the replay, for the stages that have rows and
+    a weight: `weights` (`replay_from`), or 1 each."""
+    weights = weights if weights is not None else [1.0] * len(sizes)
+    return {i: float(weights[i]) for i, n in enumerate(sizes) if n and weights[i]}
+
+
+def replay_plan(stage: str, n_own: int, sizes: list[int], share: float, seed: int, balance: str = "row",
+                weights: Sequence[float] | None = None) -> list[int]:
     """Positions in the pool of earlier stages' training rows (stage after stage, `sizes` rows each)
     to replay so that `share` of the mix is replay. `row`: drawn from the pooled rows, so each
     earlier stage gives in proportion to its size; `stage`: each earlier stage gives an equal part
-    (a large pretraining corpus then no longer crowds out the SFT stages it sits beside)."""
+    (a large pretraining corpus then no longer crowds out the SFT stages it sits beside); `weights`
+    (one per earlier stage, `replay_from`): each gives that part."""
     wanted = round(n_own * share / (1 - share)) if share else 0
     pool_size = sum(sizes)
     if not pool_size or not wanted:
         return []
-    if balance == "row":
+    if balance == "row" and weights is None:
         rng = random.Random(f"{seed}:replay:{stage}")
         return rng.sample(range(pool_size), min(wanted, pool_size))  # the positions sample(pool, k) takes
-    filled = [i for i, n in enumerate(sizes) if n]
-    quotas = {i: wanted // len(filled) + (k < wanted % len(filled)) for k, i in enumerate(filled)}
+    parts = replay_weights(sizes, weights)
+    total = sum(parts.values())
+    quotas = {i: int(wanted * weight / total) for i, weight in parts.items()}  # exact for equal weights
+    left = wanted - sum(quotas.values())
+    for k, i in enumerate(quotas):  # what flooring left: a row more to each of the first stages
+        quotas[i] += k < left
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     positions = []
     for i, quota in quotas.items():
@@ -426,7 +439,7 @@ def replay_plan(stage: str, n_own: int, sizes: list[int], share: float, seed: in
 
 
 def token_replay_plan(stage: str, own_tokens: int, earlier: Sequence[np.ndarray], share: float, seed: int,
-                      balance: str = "row") -> list[int]:
+                      balance: str = "row", weights: Sequence[float] | None = None) -> list[int]:
     """`replay_plan` with the share counted in trainable tokens (`prepare.replay_unit: tokens`):
     `earlier` holds each earlier stage's trainable tokens per row, and rows are taken in a seeded
     order until the replay holds `share` of the mix's trainable tokens (the row that reaches it
@@ -436,11 +449,13 @@ def token_replay_plan(stage: str, own_tokens: int, earlier: Sequence[np.ndarray]
     starts = np.cumsum([0] + [len(tokens) for tokens in earlier])
     if not wanted or not starts[-1]:
         return []
-    if balance == "row":
+    if balance == "row" and weights is None:
         groups = [(np.concatenate(list(earlier)), 0, wanted, f"{seed}:replay:{stage}")]
     else:
-        filled = [i for i, tokens in enumerate(earlier) if len(tokens)]
-        groups = [(earlier[i], int(starts[i]), wanted / len(filled), f"{seed}:replay:{stage}:{i}") for i in filled]
+        parts = replay_weights([len(tokens) for tokens in earlier], weights)
+        total = sum(parts.values())
+        groups = [(earlier[i], int(starts[i]), wanted * weight / total, f"{seed}:replay:{stage}:{i}")
+                  for i, weight in parts.items()]
     positions = []
     for tokens, start, quota, key in groups:
         order = list(range(len(tokens)))
@@ -450,13 +465,18 @@ def token_replay_plan(stage: str, own_tokens: int, earlier: Sequence[np.ndarray]
     return positions
 
 
-def replay_positions(stage: str, own: Rows, earlier: list[Rows], share: float, seed: int, cfg: PrepareConfig) -> list[int]:
-    """Positions in the earlier stages' training rows, pooled, to replay into `stage`: `share` of its
-    rows or of its trained tokens, as `prepare.replay_unit` says."""
+def replay_positions(stage: str, own: Rows, earlier: dict[str, Rows], spec: StageSpec, seed: int,
+                     cfg: PrepareConfig) -> list[int]:
+    """Positions in the earlier stages' training rows (in curriculum order, pooled) to replay into
+    `stage`: `replay_share` of its rows or of its trained tokens, as `prepare.replay_unit` says,
+    from the stages `replay_from` names (all of them when it names none)."""
+    share, named = spec.data.replay_share, spec.data.replay_from
+    weights = [named.get(name, 0.0) for name in earlier] if named else None
     if cfg.replay_unit == "tokens":
-        return token_replay_plan(stage, int(own.n_trainable.sum()), [rows.n_trainable for rows in earlier], share,
-                                 seed, cfg.replay_balance)
-    return replay_plan(stage, len(own), [len(rows) for rows in earlier], share, seed, cfg.replay_balance)
+        return token_replay_plan(stage, int(own.n_trainable.sum()), [rows.n_trainable for rows in earlier.values()],
+                                 share, seed, cfg.replay_balance, weights)
+    return replay_plan(stage, len(own), [len(rows) for rows in earlier.values()], share, seed, cfg.replay_balance,
+                       weights)
 
 
 def replay_rows(stage: str, own: list[dict], earlier: list[list[dict]], share: float, seed: int,
@@ -612,7 +632,8 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
     Parquet files are compressed and written in `writing` (pyarrow releases the GIL) while the next
     stage's rows are built here.
     """
-    results, report, own_train, writes = [], {}, [], []
+    results, report, writes = [], {}, []
+    own_train: dict[str, Rows] = {}  # each earlier stage's training rows, before its replay
     mixed_from = {source for data in stages for source in data.spec.data.mix}
     prepared: dict[str, Rows] = {}  # final training rows of the stages a later `mix` names
     for data in stages:
@@ -630,9 +651,9 @@ def finish_stages(stages: list[StageData], encoder: Encoder, writing: Executor, 
         weights = {str(i): s.weight for i, s in enumerate(data.spec.data.sources)}
         train, weight_counts = weight_rows(train, weights, data.stage, seed)
         data.counts.update(weight_counts)
-        replay = replay_positions(data.stage, train, own_train, data.spec.data.replay_share, seed, cfg)
-        replayed = Rows.take_across(own_train, replay) if replay else Rows.empty()
-        own_train.append(train)
+        replay = replay_positions(data.stage, train, own_train, data.spec, seed, cfg)
+        replayed = Rows.take_across(list(own_train.values()), replay) if replay else Rows.empty()
+        own_train[data.stage] = train
         train = Rows.concat([train, replayed]) if replay else train
         if data.stage in mixed_from:
             prepared[data.stage] = train

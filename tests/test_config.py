@@ -163,6 +163,10 @@ def _unknown_data_kind(r):
     r["stages"]["syntax"]["kind"] = "rlhf"
 
 
+def _replay_from_a_later_stage(r):
+    r["stages"]["syntax"]["data"]["replay_from"] = {"thinking": 1.0}
+
+
 def _replay_share_one(r):
     r["stages"]["syntax"]["data"]["replay_share"] = 1.0
 
@@ -195,6 +199,7 @@ class TestParseParamsErrors:
             (_checks_on_pretrain, "stages.embedding", "sft stages only"),
             (_unknown_data_kind, "stages.syntax.kind", "'pretrain' or 'sft'"),
             (_replay_share_one, "stages.syntax.data.replay_share", "less than 1"),
+            (_replay_from_a_later_stage, "(top level)", "stages.syntax.data.replay_from names thinking: it may name the stages listed before it (embedding)"),
             (_unknown_register_key, "register.treshold", "unknown key"),
             (_experts_per_tok_over_experts, "model.tiny", "num_experts_per_tok must not exceed num_experts"),
         ],

@@ -95,7 +95,7 @@ class TestApplyOverrides:
 
     def test_flow_mapping_keeps_its_layout(self, params_copy):
         apply_overrides(params_copy, {"stages.syntax.data.n_records": 50})
-        assert "    data: {n_records: 50, sources: [], replay_share: 0.0, mix: {}}" in params_copy.read_text().splitlines()
+        assert "    data: {n_records: 50, sources: [], replay_share: 0.0, replay_from: {}, mix: {}}" in params_copy.read_text().splitlines()
         assert load_params(params_copy).stages["syntax"].data.n_records == 50
 
     def test_adds_optional_leaf(self, params_copy):

@@ -264,6 +264,12 @@ class TestReplayRows:
         small = [[{"id": f"a{i}"} for i in range(400)], [{"id": "b0"}, {"id": "b1"}]]
         assert [r["id"][0] for r in replay_rows("thinking", self.own, small, 0.3, 5, "stage")].count("b") == 2  # all it has
 
+    def test_weights_split_the_rows_in_proportion(self):
+        positions = replay_plan("instructions", 70, [400, 40, 40], 0.3, 5, "row", weights=[0.0, 1.0, 2.0])
+        assert (sum(i < 400 for i in positions), sum(400 <= i < 440 for i in positions), sum(i >= 440 for i in positions)) == (0, 10, 20)
+        equal = replay_plan("instructions", 70, [400, 40, 40], 0.3, 5, "stage")
+        assert replay_plan("instructions", 70, [400, 40, 40], 0.3, 5, "row", weights=[1.0, 1.0, 1.0]) == equal
+
     @pytest.mark.parametrize(
         "own_count, earlier, share",
         [(70, [[{"id": 1}]] * 3, 0.0), (70, [], 0.3), (70, [[], []], 0.3), (0, [[{"id": 1}]], 0.3)],
@@ -301,6 +307,14 @@ class TestTokenReplay:
         assert token_replay_plan("thinking", 700, [self.pretrain, self.sft], 0.3, seed=1) == first
         assert token_replay_plan("thinking", 700, [self.pretrain, self.sft], 0.3, seed=2) != first
         assert token_replay_plan("syntax", 700, [self.pretrain, self.sft], 0.3, seed=1) != first
+
+    def test_weights_give_each_named_stage_its_part_and_the_others_nothing(self):
+        thinking = np.full(100, 20)
+        taken = token_replay_plan("instructions", 1000, [self.pretrain, self.sft, thinking], 0.6, 1, "stage",
+                                  weights=[0.0, 1.0, 2.0])
+        assert not [i for i in taken if i < 400]  # the pretraining stage has no weight
+        from_sft = [i for i in taken if 400 <= i < 460]
+        assert (len(from_sft), len(taken) - len(from_sft)) == (50, 50)  # 500 tokens of 10, 1,000 of 20
 
     @pytest.mark.parametrize("own, earlier, share", [(700, [np.full(5, 10)], 0.0), (700, [], 0.3),
                                                      (700, [np.zeros(0, int)], 0.3), (0, [np.full(5, 10)], 0.3)])
@@ -381,6 +395,14 @@ class TestPrepareAll:
             wanted = line["train_trainable_tokens"] * share / (1 - share)
             longest = max(row["n_trainable"] for row in replayed)
             assert wanted <= line["train_trainable_tokens_replayed"] < wanted + 3 * longest  # a row past each stage's part
+
+    def test_replay_from_draws_on_the_stages_it_names(self, project):
+        stages = dict(project.stages)
+        data = stages["instructions"].data.model_copy(update={"replay_from": {"thinking": 1.0}})
+        stages["instructions"] = stages["instructions"].model_copy(update={"data": data})
+        prepare_all(project.model_copy(update={"stages": stages}))
+        train = pq.read_table(paths.prepared_file("instructions", "train")).to_pylist()
+        assert {row["source_stage"] for row in train} == {"instructions", "thinking"}
 
     def test_packed_rows_are_written_in_row_groups_of_a_token_budget(self, project, monkeypatch):
         """One row group of a large stage's packed rows held all of its encoded pages at once."""

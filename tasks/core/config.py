@@ -78,6 +78,10 @@ class StageData(Strict):
     # ablation's `mixed` variant writes it (tasks/ablation/variants.py); a stage may name itself and
     # stages listed before it.
     mix: dict[str, PositiveFloat] = Field(default_factory=dict)
+    # Stage -> weight: the earlier stages the replay draws on, each giving that part of it (of rows
+    # or trained tokens, as `prepare.replay_unit` says); a stage left out gives nothing. {}: every
+    # earlier stage, as `prepare.replay_balance` says.
+    replay_from: dict[str, PositiveFloat] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _has_data(self) -> StageData:
@@ -556,6 +560,9 @@ class Params(Strict):
             if unknown := [m for m in spec.data.mix if m not in (*seen, name)]:
                 raise ValueError(f"stages.{name}.data.mix names {', '.join(unknown)}: it may name {name} "
                                  f"and the stages listed before it ({', '.join(seen) or 'none'})")
+            if unknown := [r for r in spec.data.replay_from if r not in seen]:
+                raise ValueError(f"stages.{name}.data.replay_from names {', '.join(unknown)}: it may name "
+                                 f"the stages listed before it ({', '.join(seen) or 'none'})")
             seen.append(name)
         return self
 
