@@ -36,6 +36,7 @@ class TestRepoParams:
         assert [s.data.n_records for s in stages] == [2400, 600, 600, 600]
         assert [s.data.replay_share for s in stages] == [0.0, 0.0, 0.3, 0.7]
         assert params.prepare.replay_unit == "tokens"  # README, "What the embedded default teaches"
+        assert [s.data.replay_from for s in stages] == [{}, {}, {}, {"syntax": 1.0, "thinking": 1.0}]
         assert all(s.data.sources == [] for s in stages)
         assert [s.checks.think_block for s in stages] == [False, False, True, False]
         assert [s.checks.json_target for s in stages] == [False, True, False, False]
