@@ -30,6 +30,7 @@ from tasks.core.config import ConfigError, load_params
 # Prefect is imported (on first use of the flow) and inherited by the stage commands.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 # Built on first access by __getattr__ below; `from flows.pipeline import pipeline` and the
 # deployment entrypoint `flows/pipeline.py:pipeline` get the real Prefect objects.

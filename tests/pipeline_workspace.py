@@ -136,6 +136,9 @@ def workspace_env(root: Path) -> dict[str, str]:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
         MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
         MLFLOW_DISABLE_TELEMETRY="true",
+        # DVC's analytics daemon outlives the command and opens the repo, writing its site cache
+        # and .dvc/tmp/btime into the workspace at some later moment (a busy machine: mid-test)
+        DVC_NO_ANALYTICS="1",
         GIT_AUTHOR_NAME="stagewise test", GIT_AUTHOR_EMAIL="test@stagewise.local",
         GIT_COMMITTER_NAME="stagewise test", GIT_COMMITTER_EMAIL="test@stagewise.local",
         TQDM_DISABLE="1",
