@@ -541,7 +541,8 @@ def stage_report(data: StageData, train: Rows, eval_rows: Rows, replayed: int, p
     for source in ingest.get("sources", []):
         ingest_counts.update({f"dropped.{k}": v for k, v in source.get("dropped", {}).items()})
         ingest_counts.update({f"repaired.{k}": v for k, v in source.get("repaired", {}).items()})
-    own = [stage == data.stage for stage in train.source_stage]
+    own = np.array([stage == data.stage for stage in train.source_stage], dtype=bool)
+    tokens, trainable = train.n_tokens, train.n_trainable  # n_trainable sums over every token: once
     return {
         "ingested_records": ingest.get("records"),
         "sources": [{k: s[k] for k in ("path", "preset", "records")} for s in ingest.get("sources", [])],
@@ -550,10 +551,10 @@ def stage_report(data: StageData, train: Rows, eval_rows: Rows, replayed: int, p
         "train_rows": len(train),
         "train_rows_replayed": replayed,
         "eval_rows": len(eval_rows),
-        "train_tokens": int(train.n_tokens[own].sum()),
-        "train_tokens_replayed": int(train.n_tokens[[not o for o in own]].sum()),
-        "train_trainable_tokens": int(train.n_trainable[own].sum()),
-        "train_trainable_tokens_replayed": int(train.n_trainable[[not o for o in own]].sum()),
+        "train_tokens": int(tokens[own].sum()),
+        "train_tokens_replayed": int(tokens[~own].sum()),
+        "train_trainable_tokens": int(trainable[own].sum()),
+        "train_trainable_tokens_replayed": int(trainable[~own].sum()),
         "eval_tokens": int(eval_rows.n_tokens.sum()),
         "packing": packing,
         "multi_turn": multi_turn,

@@ -71,8 +71,8 @@ def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
 
 def replay_row_count(params: Params, line: dict, stage: str) -> int:
     """Rows `prepare` replays into `stage` under `params`, from the stage's line in metrics/data.json:
-    `replay_share` of its rows, or with `prepare.replay_unit: tokens` of its trained tokens (in rows
-    as long as the replay metrics/data.json reports)."""
+    `replay_share` of its rows, or with `prepare.replay_unit: tokens` of its trained tokens (counted
+    in rows that train as many tokens as the replayed rows metrics/data.json reports do, on average)."""
     share = params.stages[stage].data.replay_share
     if not share or not params.stage_names.index(stage):
         return 0
