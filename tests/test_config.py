@@ -47,10 +47,10 @@ class TestRepoParams:
         assert params.seed == 1234
         assert params.validate_.min_tokens == 4
         assert params.register_.model_name == "stagewise-assistant"
-        assert params.stages["syntax"].train.learning_rate == pytest.approx(2.0e-3)
+        assert params.stages["syntax"].train.learning_rate == pytest.approx(6.0e-3)
         assert params.model.name_or_path is None
-        assert params.model.tiny.pretrain.max_steps == 600
-        assert params.model.tiny.pretrain.copy_warmup.steps == 400  # README, "What the embedded default teaches"
+        assert params.model.tiny.pretrain.max_steps == 520
+        assert params.model.tiny.pretrain.copy_warmup.steps == 320  # README, "What the embedded default teaches"
 
     def test_final_stage_is_last(self):
         assert load_params(PARAMS_FILE).final_stage == "instructions"
