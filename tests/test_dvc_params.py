@@ -25,7 +25,8 @@ def test_foreach_keys_name_the_stage():
 def test_values_come_from_the_resolved_params():
     params = load_params(PROJECT / "params.yaml")
     values = declared_values("train@syntax", params.model_dump(mode="json", by_alias=True))
-    assert values["stages.syntax.train"]["learning_rate"] == pytest.approx(2.0e-3)
+    assert values["stages.syntax.train"]["learning_rate"] == pytest.approx(params.stages["syntax"].train.learning_rate)
+    assert values["stages.syntax.train"]["max_steps"] == params.stages["syntax"].train.max_steps
     assert values["prepare.max_length"] == 256
 
 
