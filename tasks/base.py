@@ -12,12 +12,11 @@ load: config.json transformers can build without remote code, safetensors, a tok
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 from tasks.core import paths
-from tasks.core.cli import run_stage_cli
+from tasks.core.cli import exit_now, run_stage_cli
 from tasks.core.config import CleanConfig, CopyWarmupConfig, Params, StageSpec, TinyModelConfig, load_params
 from tasks.core.modeling import (
     BaseInfo,
@@ -160,4 +159,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage_cli("base", __doc__, run, argv)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

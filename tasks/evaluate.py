@@ -17,11 +17,10 @@ tasks/evaluation/harness.py).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from tasks.core import paths
-from tasks.core.cli import run_stage_cli
+from tasks.core.cli import exit_now, run_stage_cli
 from tasks.core.config import Params, load_params
 from tasks.core.records import write_json
 from tasks.evaluation.scoring import score_model
@@ -99,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage_cli("evaluate", __doc__, run, argv)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

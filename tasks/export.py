@@ -24,13 +24,12 @@ import gc
 import json
 import logging
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.core import paths
-from tasks.core.cli import run_stage_cli
+from tasks.core.cli import exit_now, run_stage_cli
 from tasks.core.config import ExportConfig, Params, load_params
 from tasks.core.records import write_json
 
@@ -249,4 +248,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

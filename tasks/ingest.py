@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tasks.core import paths
-from tasks.core.cli import run_stage_cli
+from tasks.core.cli import exit_now, run_stage_cli
 from tasks.core.config import ConfigError, Params, SourceSpec, StageSpec, load_params
 from tasks.core.records import RecordError, write_json, write_jsonl
 from tasks.data.errors import Reject, SourceError
@@ -195,4 +194,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,7 +45,7 @@ import numpy as np
 
 from tasks.core import paths
 from tasks.core.chat import IGNORE_INDEX, ChatTemplateError, Encoded, row_ends
-from tasks.core.cli import run_stage_cli
+from tasks.core.cli import exit_now, run_stage_cli
 from tasks.core.config import Params, PrepareConfig, StageSpec, load_params
 from tasks.core.heap import release_free_memory
 from tasks.core.records import (
@@ -720,4 +719,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

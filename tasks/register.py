@@ -18,7 +18,6 @@ import json
 import logging
 import re
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +25,7 @@ from typing import Any, Callable
 import yaml
 
 from tasks.core import paths
-from tasks.core.cli import run_stage_cli
+from tasks.core.cli import exit_now, run_stage_cli
 from tasks.core.config import Params, TrainJob, load_params
 from tasks.core.cost import chain_gpu_hours
 from tasks.core.records import write_json
@@ -308,4 +307,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage_cli("register", __doc__, run, argv)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

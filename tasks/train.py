@@ -16,13 +16,12 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tasks.core import paths
 from tasks.core.chain import STAGE_INFO_FILE
-from tasks.core.cli import run_stage_cli
+from tasks.core.cli import exit_now, run_stage_cli
 from tasks.core.config import Params, TrainJob, load_params
 from tasks.core.cost import DeviceUse, StageClock
 from tasks.core.launcher import (
@@ -249,4 +248,4 @@ def main(argv: list[str] | None = None) -> int:
     return launched[0] if launched and status == 0 else status
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

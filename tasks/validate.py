@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.core import paths
-from tasks.core.cli import run_stage_cli
+from tasks.core.cli import exit_now, run_stage_cli
 from tasks.core.config import Params, StageChecks, StageSpec, ValidateConfig, load_params
 
 if TYPE_CHECKING:
@@ -534,4 +533,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage_cli("validate", __doc__, run, argv, expected=(DataValidationError,), exit_code=1)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
