@@ -63,7 +63,11 @@ class TestRepoParams:
         assert shared.target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
     def test_lora_for_uses_stage_block(self):
-        raw = modified(lambda r: r["stages"]["thinking"]["train"].update(lora={"r": 4, "alpha": 8}))
+        def own_lora(r):
+            r["train"]["chain_policy"] = "merge"  # a new adapter per stage: each may have its own LoRA
+            r["stages"]["thinking"]["train"]["lora"] = {"r": 4, "alpha": 8}
+
+        raw = modified(own_lora)
         params = parse_params(raw)
         assert params.lora_for("thinking") == LoraConfig(r=4, alpha=8)
         assert params.lora_for("syntax").r == 16
@@ -176,6 +180,10 @@ def _unknown_register_key(r):
     r["register"]["treshold"] = 1
 
 
+def _own_lora_under_continue(r):
+    r["stages"]["thinking"]["train"]["lora"] = {"r": 64, "alpha": 128}  # thinking goes on training syntax's rank 16
+
+
 def _experts_per_tok_over_experts(r):
     r["model"]["tiny"]["num_experts_per_tok"] = 9
 
@@ -203,6 +211,8 @@ class TestParseParamsErrors:
             (_replay_from_a_later_stage, "(top level)", "stages.syntax.data.replay_from names thinking: it may name the stages listed before it (embedding)"),
             (_unknown_register_key, "register.treshold", "unknown key"),
             (_experts_per_tok_over_experts, "model.tiny", "num_experts_per_tok must not exceed num_experts"),
+            (_own_lora_under_continue, "(top level)", "stages.thinking.train.lora is set, but under train.chain_policy "
+             "`continue` thinking keeps training the adapter of syntax"),
         ],
     )
     def test_names_dotted_key(self, mutate, key, reason):

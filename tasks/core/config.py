@@ -563,6 +563,11 @@ class Params(Strict):
             if unknown := [r for r in spec.data.replay_from if r not in seen]:
                 raise ValueError(f"stages.{name}.data.replay_from names {', '.join(unknown)}: it may name "
                                  f"the stages listed before it ({', '.join(seen) or 'none'})")
+            if spec.train.lora is not None and spec.init_from != "base" and self.train.chain_policy == "continue":
+                raise ValueError(
+                    f"stages.{name}.train.lora is set, but under train.chain_policy `continue` {name} keeps "
+                    f"training the adapter of {spec.init_from}, with its rank and targets: set chain_policy "
+                    f"to `merge` (a new adapter per stage) or set the LoRA on the first stage")
             seen.append(name)
         return self
 
