@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -50,3 +51,21 @@ def test_a_stage_module_exits_through_it_with_its_error_code(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("prepare:") and "none.yaml" in done.stderr
+
+
+def test_a_stage_does_not_repeat_bitsandbytes_refused_hub_kernel(tmp_path):
+    """bitsandbytes' request for a Hub kernel is refused (no remote code); the stage log stays clean."""
+    script = textwrap.dedent("""
+        from tasks.core.cli import run_stage_cli
+
+        def run(args):
+            import bitsandbytes  # noqa: F401 - logs at import, where the CPU has AVX512-BF16
+            return ["imported"]
+
+        raise SystemExit(run_stage_cli("probe", "probe", run, ["--params", "none.yaml"]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "imported"
+    assert "kernels-community" not in done.stderr

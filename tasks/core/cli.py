@@ -39,6 +39,14 @@ def check_declared(step: str, params_file: str) -> None:
         )
 
 
+def quiet_expected_refusals() -> None:
+    """Imported on a CPU with AVX512-BF16, bitsandbytes asks the Hub's `kernels-community` for a
+    4-bit matmul kernel; the `kernels` package refuses the unverified repository before anything is
+    downloaded (what this project wants: no remote code), bitsandbytes keeps its own kernel, and
+    logs a warning that every stage would repeat. Errors from it still show."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def run_stage_cli(
     step: str,
     doc: str,
@@ -57,6 +65,7 @@ def run_stage_cli(
     args = parser.parse_args(argv)
     # force: a second call in one process (tests) replaces handlers whose stream may be gone
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    quiet_expected_refusals()
     try:
         check_declared(step, args.params)
         lines = list(run(args))
