@@ -84,7 +84,8 @@ def train_stage(stage: str, params: Params) -> StageResult:
     with live_run(job, workdir) as run:
         if schedule.max_steps:
             summary = run_trainer(model, rows, schedule, tokenizer.pad_token_id, workdir,
-                                  on_step=run.log_step if run else None)
+                                  on_step=run.log_step if run else None,
+                                  on_checkpoint=run.flush if run else None)
         else:  # max_steps 0: the adapter it starts from goes on as this stage's (the ablation's `mixed`)
             log.info("train@%s: max_steps is 0: the adapter of %s passes on untrained", stage, job.spec.init_from)
             summary = TrainingSummary.untrained()

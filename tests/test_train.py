@@ -342,6 +342,30 @@ def test_a_stage_logs_to_mlflow_while_it_trains(in_project, monkeypatch):
     assert tracking.find_stage_run(client, run.info.experiment_id, "embedding", adapter) == run.info.run_id
 
 
+def test_live_steps_reach_mlflow_with_each_checkpoint(in_project, monkeypatch):
+    """Steps are written in batches, and at each checkpoint: a stage killed after one has every
+    step it will not redo in MLflow, however long the batch interval."""
+    from mlflow import MlflowClient
+
+    from tasks.core import tracking
+
+    monkeypatch.setattr(tracking, "STEP_FLUSH_INTERVAL_S", 3600.0)
+    written: list[list[int]] = []
+    flush = tracking.StageRun.flush
+    monkeypatch.setattr(tracking.StageRun, "flush",
+                        lambda self: (written.append(sorted({m.step for m in self.pending})), flush(self)))
+    params = tiny_params()
+    params = params.model_copy(update={"train": params.train.model_copy(update={"checkpoint_every": 2})})
+    train_step.train_stage("embedding", params)
+    assert written[0] == [1]  # the first logged step, written with the checkpoint at step 2
+    client = MlflowClient(tracking_uri=tracking.DEFAULT_TRACKING_URI)
+    run_id = client.search_runs([client.get_experiment_by_name("stagewise").experiment_id],
+                                filter_string="attributes.run_name = 'train@embedding'",
+                                order_by=["attributes.start_time DESC"])[0].info.run_id
+    history = [json.loads(line)["step"] for line in paths.train_history("embedding").read_text().splitlines()]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == history
+
+
 def test_paged_8bit_adamw_trains_the_adapter(in_project, monkeypatch):
     """The GPU default optimizer (bitsandbytes' paged 8-bit AdamW; on CPU bitsandbytes runs it
     unpaged) is the one the Trainer builds, and it trains."""

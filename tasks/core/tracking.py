@@ -80,7 +80,8 @@ def file_sha256(path: Path) -> str:
 @dataclass
 class StageRun:
     """The live run of one training stage; `log_step` is the Trainer callback's sink. Steps are
-    kept and written together every STEP_FLUSH_INTERVAL_S seconds (and when the run ends), so the
+    kept and written together every STEP_FLUSH_INTERVAL_S seconds, at each checkpoint (a stage
+    killed and resumed has every step it does not redo in MLflow) and when the run ends, so the
     MLflow UI lags the stage by seconds while the training loop does not wait on the store."""
 
     client: MlflowClient

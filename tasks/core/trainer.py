@@ -215,9 +215,11 @@ def peak_memory_gib() -> float:
 
 
 def step_history_callback(history: list[dict[str, float]], router: RouterLoadMonitor | None = None,
-                          sink: Callable[[dict[str, float]], None] | None = None):
+                          sink: Callable[[dict[str, float]], None] | None = None,
+                          on_checkpoint: Callable[[], None] | None = None):
     """A TrainerCallback that appends each logged step (with tokens/s, peak memory and, for MoE
-    models, the router load entropy) to `history`, and hands it to `sink` (live MLflow) at once."""
+    models, the router load entropy) to `history`, and hands it to `sink` (live MLflow) at once;
+    `on_checkpoint` is called once each checkpoint is on disk."""
     from transformers import TrainerCallback
 
     class StepHistory(TrainerCallback):
@@ -243,6 +245,10 @@ def step_history_callback(history: list[dict[str, float]], router: RouterLoadMon
             if sink is not None:
                 sink(row)
             self._last = (now, tokens)
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            if on_checkpoint is not None:
+                on_checkpoint()
 
     return StepHistory()
 
@@ -293,10 +299,12 @@ class TrainingSummary:
 
 
 def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id: int, workdir: Path,
-                on_step: Callable[[dict[str, float]], None] | None = None) -> TrainingSummary:
+                on_step: Callable[[dict[str, float]], None] | None = None,
+                on_checkpoint: Callable[[], None] | None = None) -> TrainingSummary:
     """Train `model` on rows of {input_ids, labels} with the transformers Trainer, resuming from
     the last checkpoint in `workdir` if an earlier run of the same work was interrupted.
-    `on_step` gets each logged step's metrics as they happen."""
+    `on_step` gets each logged step's metrics as they happen; `on_checkpoint` is called after each
+    checkpoint is saved (the live MLflow run writes what it kept: a resumed stage redoes the rest)."""
     from datasets import Dataset
     from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
@@ -308,7 +316,7 @@ def run_trainer(model, train_rows: list[dict], schedule: Schedule, pad_token_id:
         args=training_arguments(schedule, workdir),
         train_dataset=Dataset.from_list(train_rows),
         data_collator=PackedCollator() if schedule.packed else PadCollator(pad_token_id),
-        callbacks=[step_history_callback(history, router, on_step)],
+        callbacks=[step_history_callback(history, router, on_step, on_checkpoint)],
     )
     last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
     if last:
