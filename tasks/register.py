@@ -40,6 +40,7 @@ from tasks.core.tracking import (
     file_sha256,
     find_stage_run,
     flatten,
+    now_ms,
     stage_params,
 )
 from tasks.evaluation.champion import ChampionUnavailable, log_champion_metrics, rescore_champion
@@ -87,13 +88,13 @@ def log_stage_history(client, experiment_id: str, parent_id: str, job: TrainJob)
     run_id = run.info.run_id
     history = [json.loads(line) for line in paths.train_history(stage).read_text().splitlines() if line]
     metrics = [
-        Metric(key, float(value), _now_ms(), int(row["step"]))
+        Metric(key, float(value), now_ms(), int(row["step"]))
         for row in history
         for key, value in row.items()
         if key in STEP_METRICS or key.startswith("router_entropy")
     ]
     summary = json.loads(paths.train_metrics(stage).read_text())
-    metrics += [Metric(f"final_{k}", float(v), _now_ms(), 0) for k, v in summary.items() if isinstance(v, (int, float))]
+    metrics += [Metric(f"final_{k}", float(v), now_ms(), 0) for k, v in summary.items() if isinstance(v, (int, float))]
     items = [Param(k, v) for k, v in stage_params(job).items()]
     client.log_batch(run_id, metrics=metrics, params=items)
     for key, value in summary.items():  # e.g. the device the stage trained on
@@ -160,12 +161,6 @@ def data_metrics(report_file: Path = paths.DATA_REPORT) -> dict[str, float]:
     return numbers(json.loads(report_file.read_text()), "data")
 
 
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
-
-
 def register_pipeline(params: Params, params_file: Path) -> Registration:
     import mlflow
     from mlflow import MlflowClient
@@ -188,13 +183,13 @@ def register_pipeline(params: Params, params_file: Path) -> Registration:
     from mlflow.entities import Metric, Param
 
     score_metrics = [
-        Metric(f"{model}.{k}", float(v), _now_ms(), 0)
+        Metric(f"{model}.{k}", float(v), now_ms(), 0)
         for model in ("base", "final")
         for k, v in scores[model].items()
     ]
-    score_metrics += [Metric(k, v, _now_ms(), 0) for k, v in data_metrics().items()]
-    score_metrics += [Metric(k, v, _now_ms(), 0) for k, v in evaluation_metrics(scores).items()]
-    score_metrics += [Metric(k, v, _now_ms(), 0) for k, v in export_metrics().items()]
+    score_metrics += [Metric(k, v, now_ms(), 0) for k, v in data_metrics().items()]
+    score_metrics += [Metric(k, v, now_ms(), 0) for k, v in evaluation_metrics(scores).items()]
+    score_metrics += [Metric(k, v, now_ms(), 0) for k, v in export_metrics().items()]
     run_params = [Param(k, v) for k, v in flatten(raw).items()]
     for lo in range(0, max(len(run_params), len(score_metrics)), 100):  # MLflow caps a batch at 100 params
         client.log_batch(parent_id, metrics=score_metrics[lo : lo + 100], params=run_params[lo : lo + 100])

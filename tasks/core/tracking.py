@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
 
     from tasks.core.config import TrainJob
 
@@ -87,13 +88,13 @@ class StageRun:
     client: MlflowClient
     run_id: str
     resumed: bool
-    pending: list = field(default_factory=list)
+    pending: list[Metric] = field(default_factory=list)
     flushed_at: float = field(default_factory=time.monotonic)
 
     def log_step(self, row: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        step, now = int(row["step"]), _now_ms()
+        step, now = int(row["step"]), now_ms()
         self.pending += [Metric(k, float(v), now, step) for k, v in row.items() if k != "step"]
         if time.monotonic() - self.flushed_at >= STEP_FLUSH_INTERVAL_S:
             self.flush()
@@ -119,7 +120,7 @@ class StageRun:
         from mlflow.entities import Metric
 
         self.flush()
-        now = _now_ms()
+        now = now_ms()
         numbers = [Metric(f"final_{k}", float(v), now, 0) for k, v in summary.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=numbers)
         for key, value in summary.items():  # e.g. the device the stage trained on
@@ -185,7 +186,8 @@ def _run_exists(run_id: str) -> bool:
         return False
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """Now, in the milliseconds MLflow stamps metrics with."""
     return int(time.time() * 1000)
 
 
