@@ -313,6 +313,13 @@ def test_merge_policy_never_merges_into_4bit_weights(in_project):
     assert not any("lora_" in n for n, _ in model.named_parameters())
 
 
+def newest_stage_run(client, stage: str):
+    """The latest live MLflow run of train@<stage> in the project's `stagewise` experiment."""
+    return client.search_runs([client.get_experiment_by_name("stagewise").experiment_id],
+                              filter_string=f"attributes.run_name = 'train@{stage}'",
+                              order_by=["attributes.start_time DESC"])[0]
+
+
 def test_a_stage_logs_to_mlflow_while_it_trains(in_project, monkeypatch):
     """One live run per stage: every logged step's metrics (with peak memory and router load),
     the stage's params, system metrics, and the hash of the adapter it wrote."""
@@ -326,9 +333,7 @@ def test_a_stage_logs_to_mlflow_while_it_trains(in_project, monkeypatch):
     monkeypatch.setattr(tracking.StageRun, "log_step", lambda self, row: (seen.append(row["step"]), original(self, row)))
     train_step.train_stage("embedding", tiny_params())
     client = MlflowClient(tracking_uri=tracking.DEFAULT_TRACKING_URI)
-    runs = client.search_runs([client.get_experiment_by_name("stagewise").experiment_id],
-                              filter_string="attributes.run_name = 'train@embedding'", order_by=["attributes.start_time DESC"])
-    run = runs[0]
+    run = newest_stage_run(client, "embedding")
     assert run.info.status == "FINISHED"
     history = [json.loads(line) for line in paths.train_history("embedding").read_text().splitlines()]
     assert seen == [row["step"] for row in history]  # logged as each step happened, not afterwards
@@ -359,9 +364,7 @@ def test_live_steps_reach_mlflow_with_each_checkpoint(in_project, monkeypatch):
     train_step.train_stage("embedding", params)
     assert written[0] == [1]  # the first logged step, written with the checkpoint at step 2
     client = MlflowClient(tracking_uri=tracking.DEFAULT_TRACKING_URI)
-    run_id = client.search_runs([client.get_experiment_by_name("stagewise").experiment_id],
-                                filter_string="attributes.run_name = 'train@embedding'",
-                                order_by=["attributes.start_time DESC"])[0].info.run_id
+    run_id = newest_stage_run(client, "embedding").info.run_id
     history = [json.loads(line)["step"] for line in paths.train_history("embedding").read_text().splitlines()]
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == history
 
