@@ -60,18 +60,39 @@ def test_merged_history_keeps_steps_from_before_a_resume():
     ]
 
 
+def small_model(tokenizer):
+    from tasks.core.config import PretrainConfig, TinyModelConfig
+    from tasks.core.modeling import build_tiny_model
+
+    tiny = TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                           pretrain=PretrainConfig(max_steps=1, batch_size=1, learning_rate=1e-3))
+    return build_tiny_model(tiny, tokenizer, seed=0)
+
+
+def test_flops_are_the_stock_trainers_with_the_parameters_counted_once(unit_tokenizer, tmp_path):
+    from transformers import Trainer
+
+    from tasks.core.trainer import Schedule, trainer_class, training_arguments
+
+    model = small_model(unit_tokenizer)
+    counted, count = [], model.num_parameters
+    model.num_parameters = lambda **kw: counted.append(kw) or count(**kw)
+    schedule = Schedule(max_steps=1, batch_size=1, learning_rate=1e-3, warmup_ratio=0.0)
+    trainer = trainer_class()(model=model, args=training_arguments(schedule, tmp_path))
+    inputs = {"input_ids": torch.ones(2, 7, dtype=torch.long)}
+    stock = Trainer.floating_point_ops(trainer, inputs)
+    assert stock == 6 * 14 * count(exclude_embeddings=True) > 0
+    assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [stock] * 3
+    assert counted == [{"exclude_embeddings": True}] * 2  # the stock call, then ours once
+
+
 class TestPackedBatches:
     """A packed, padding-free batch trains exactly what the same records padded one per row train."""
 
     @pytest.fixture(scope="class")
     def model_and_rows(self, unit_tokenizer):
-        from tasks.core.config import PretrainConfig, TinyModelConfig
-        from tasks.core.modeling import build_tiny_model
-
-        tiny = TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                               head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                               pretrain=PretrainConfig(max_steps=1, batch_size=1, learning_rate=1e-3))
-        model = build_tiny_model(tiny, unit_tokenizer, seed=0).eval()
+        model = small_model(unit_tokenizer).eval()
         g = torch.Generator().manual_seed(0)
         rows = []
         for i, n in enumerate((5, 9, 4, 7)):
