@@ -21,7 +21,7 @@ from typing import Any
 
 # RunParameters at module level, though only the flow uses it: Prefect resolves the flow's
 # annotations (the UI's form) in this module's namespace.
-from flows import dvc_stages, remote
+from flows import dvc_stages, plan_ahead, remote
 from flows.overrides import apply_overrides, check_overrides, parse_assignment
 from flows.run_parameters import RunParameters
 from tasks.core.config import ConfigError, load_params
@@ -103,13 +103,10 @@ def _flow_and_tasks() -> SimpleNamespace:
             return "pushed"
         return f"pushed; {dvc_stages.commit_results(Path(project), run_name)}"
 
-    def check_plan(root: Path, loaded, here: bool) -> str:
-        from contextlib import chdir
+    def check_plan(root: Path, params_path: Path, loaded, here: bool) -> str:
+        from tasks.plan import no_fit_message, render
 
-        from tasks.plan import make_plan, memory_limit, no_fit_message, render
-
-        with chdir(root):  # the plan reads the workspace's outputs by their relative paths
-            plan = make_plan(loaded, root, limit_bytes=memory_limit(loaded, here), only_running=True)
+        plan = plan_ahead.take(root, params_path, here) or plan_ahead.make_run_plan(root, loaded, here)
         if not plan.fits:
             raise ConfigError(no_fit_message(plan))
         return "plan:\n" + render(plan)
@@ -136,7 +133,7 @@ def _flow_and_tasks() -> SimpleNamespace:
         # What will run and what it costs, in the run's log; a stage that cannot fit stops it here,
         # and params.yaml is as it was. Trained on a pool elsewhere, only train.memory_limit_gb limits.
         try:
-            get_run_logger().info("%s", check_plan(root, loaded, here=deployment is None))
+            get_run_logger().info("%s", check_plan(root, params_path, loaded, here=deployment is None))
         except ConfigError:
             params_path.write_text(before)
             raise
@@ -164,10 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides = dict(parse_assignment(a) for a in args.assignments)
         # Bad config fails here, in a second, not after Prefect has started its temporary server.
         check_overrides(Path(args.params), overrides)
-        outcomes = _flow_and_tasks().pipeline(overrides=overrides or None, params_file=args.params)
+        flow = _flow_and_tasks().pipeline  # Prefect imported first: the plan then overlaps the server's start
+        if not overrides:  # with overrides, the flow's params.yaml differs: it plans itself
+            plan_ahead.start(Path(args.params), here=dvc_stages.train_deployment_for(None) is None)
+        outcomes = flow(overrides=overrides or None, params_file=args.params)
     except (ConfigError, dvc_stages.StageFailed, remote.RemoteError) as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return 1
+    finally:
+        plan_ahead.settle()
     pushed = outcomes.pop("publish", None)
     ran = [n for n, o in outcomes.items() if o in ("ran", "ran on pool")]
     print(f"pipeline: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}); {len(outcomes) - len(ran)} up to date"
