@@ -106,10 +106,11 @@ def _flow_and_tasks() -> SimpleNamespace:
     def check_plan(root: Path, params_path: Path, loaded, here: bool) -> str:
         from tasks.plan import no_fit_message, render
 
-        plan = plan_ahead.take(root, params_path, here) or plan_ahead.make_run_plan(root, loaded, here)
+        ahead = plan_ahead.take(root, params_path, here)
+        plan = ahead or plan_ahead.make_run_plan(root, loaded, here)
         if not plan.fits:
             raise ConfigError(no_fit_message(plan))
-        return "plan:\n" + render(plan)
+        return ("plan (made while Prefect's server started):\n" if ahead else "plan:\n") + render(plan)
 
     @flow(name="stagewise-pipeline")
     def pipeline(params: RunParameters | None = None, overrides: dict[str, Any] | None = None,
