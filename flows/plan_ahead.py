@@ -68,7 +68,7 @@ class PlanAhead:
         self.thread.join()
         params_file = params_file.resolve()
         same = (root.resolve(), params_file, here) == (self.root, self.params_file, self.here)
-        if not same or not params_file.exists() or params_file.read_text() != self.params_text:
+        if not same or params_file.read_text() != self.params_text:
             return None
         return self.plan
 
