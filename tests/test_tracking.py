@@ -56,7 +56,11 @@ def test_more_values_than_one_batch_holds_are_split(store, tmp_path, monkeypatch
     with tracking.stage_run("syntax", "stagewise", tmp_path / "ckpt", system_metrics=False) as run:
         for step in range(1, 6):  # 10 values: batches of 4, 4 and 2
             run.log_step({"step": step, "loss": float(step), "lr": 0.1})
+        sizes, log_batch = [], run.client.log_batch
+        monkeypatch.setattr(run.client, "log_batch",
+                            lambda run_id, metrics: sizes.append(len(metrics)) or log_batch(run_id, metrics=metrics))
         run.flush()
+        assert sizes == [4, 4, 2]
         assert [s for s, _ in steps_of(store, run.run_id)] == [1, 2, 3, 4, 5]
         assert len(store.get_metric_history(run.run_id, "lr")) == 5
 
